@@ -1,0 +1,283 @@
+"""Stage 2: Direct Preference Optimization (Rafailov et al., 2023) against a frozen reference.
+
+RLHF fits a reward model r(x, y) to preference pairs, then maximizes r with PPO under a KL penalty
+beta * KL(pi || pi_ref). That KL-constrained problem has a closed-form optimum,
+
+    pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x),                                       (eq. 4)
+
+so every policy defines the reward it is optimal for: r(x, y) = beta log(pi(y|x) / pi_ref(y|x))
++ beta log Z(x) (eq. 5). Put that reward into the Bradley-Terry preference model and Z(x) cancels,
+because both responses share the prompt x. What is left is a classification loss on the policy itself:
+
+    L_DPO = -log sigmoid(beta log(pi(y_w|x) / pi_ref(y_w|x)) - beta log(pi(y_l|x) / pi_ref(y_l|x)))   (eq. 7)
+
+No reward model, no sampling, no RL: two forward passes (policy and reference) per pair.
+
+    python dpo.py --beta 0.1                      # from out/sft, on Anthropic/hh-rlhf, one GPU
+    python dpo.py --demo --beta 0.1               # the toy task on a CPU, from out/demo/sft
+    python dpo.py --demo --beta 0.1 --swap        # the "bad" model: rejected responses as preferred
+"""
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from data import batch_indices, dpo_batch, load_preferences, tokenize_pairs
+from model import (GPT2_SIZES, IGNORE_INDEX, CtrlC, RunLog, UserError, autocast, load_checkpoint, load_model,
+                   load_state, lr_at, make_optimizer, pick_device, pick_dtype, restore_rng, save_checkpoint,
+                   setup_cuda, training_arguments, user_errors)
+
+# The paper's settings (sec. 6 and app. B): beta 0.1, batch 64, RMSprop at lr 1e-6 with 150 warmup steps;
+# one epoch of HH's 160k pairs is 2,500 steps of 64.
+DEFAULTS = dict(init="out/sft", data="Anthropic/hh-rlhf", out_dir=None, batch_size=8, grad_accum=8,
+                max_len=512, max_prompt_len=256, lr=1e-6, warmup=150, max_iters=2500, eval_interval=250,
+                optimizer="rmsprop", beta=0.1)
+# --demo: the toy task from the demo SFT model; a minute or two on 2 CPU cores.
+DEMO = dict(init="out/demo/sft", data="toy", batch_size=16, grad_accum=1, max_len=64, max_prompt_len=32,
+            lr=1e-3, warmup=10, max_iters=60, eval_interval=20, device="cpu", optimizer="adamw")
+
+
+def parse_args(argv=None):
+    parser = training_arguments(__doc__.splitlines()[0], DEFAULTS, DEMO)
+    parser.add_argument("--beta", type=float, help="strength of the KL constraint: small beta lets the policy "
+                        "move far from the reference")
+    parser.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"])
+    parser.add_argument("--label_smoothing", type=float, default=0.0,
+                        help="conservative DPO: the probability that a preference label is flipped")
+    parser.add_argument("--ref", help="the frozen reference (default: --init)")
+    parser.add_argument("--optimizer", choices=["rmsprop", "adamw"])
+    parser.add_argument("--precompute_ref", action="store_true",
+                        help="compute the reference log-probs once before training; keeps one model in memory")
+    parser.add_argument("--swap", action="store_true", help="train on rejected responses as if preferred "
+                        "(the 'bad' model); evaluation still uses the true preferences")
+    args = parser.parse(argv)
+    if not args.beta > 0:
+        parser.error(f"--beta must be positive, got {args.beta}")
+    if not 0 <= args.label_smoothing < 0.5:
+        parser.error(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.out_dir is None:
+        stem = "out/demo/dpo" if args.demo else "out/dpo"
+        args.out_dir = stem + ("-bad" if args.swap else "")
+    args.ref = args.ref or args.init
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# The objective
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             beta, loss_type="sigmoid", label_smoothing=0.0):
+    """Per-pair losses and implicit rewards from summed response log-probs, each of shape (B,)."""
+    # h: how much more the policy prefers y_w over y_l than the reference does, in log space
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        # eq. 7; with label_smoothing e, the preference is taken as flipped with probability e
+        # (conservative DPO, as the reference implementation writes it): a bounded loss for noisy labels
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        # IPO (Azar et al., 2023, eq. 17): regress h to 1 / (2 tau), tau = beta; does not push h to infinity
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    # the implicit reward of eq. 5 (without beta log Z(x), which cancels within a pair)
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def reward_accuracy(chosen_rewards, rejected_rewards):
+    """Share of pairs ranked right; a tie counts as half, so a policy equal to its reference reads 0.5."""
+    return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).mean()
+
+
+def sequence_logps(model, input_ids, labels):
+    """log pi(y|x): the sum of the response tokens' log-probs, in fp32, for each row (the paper's
+    quantity). Averaging over tokens instead (as some libraries do) changes the objective: it stops
+    penalizing a policy for the length of what it says, and beta then means something else."""
+    return model.token_logps(input_ids, labels).sum(dim=-1)
+
+
+def pair_logps(model, input_ids, labels):
+    """(chosen, rejected) log-probs from ONE forward pass over the 2B rows that dpo_batch stacked."""
+    logps = sequence_logps(model, input_ids, labels)
+    half = input_ids.size(0) // 2
+    return logps[:half], logps[half:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+def load_models(args):
+    """The policy to train and the frozen reference (None with --precompute_ref, once used)."""
+    for name in {args.init, args.ref}:
+        if name not in GPT2_SIZES and name != "scratch" and not os.path.exists(name):
+            raise UserError(f"no model at {name}: run `python sft.py{' --demo' if args.demo else ''}` first, "
+                            "or pass --init gpt2 (and --ref) to start from the pretrained model")
+    policy = load_model(args.init, args, args.device)
+    reference = load_model(args.ref, args, args.device)
+    a, b = policy.config, reference.config
+    if (a.n_layer, a.n_head, a.n_embd, a.vocab_size) != (b.n_layer, b.n_head, b.n_embd, b.vocab_size):
+        raise UserError(f"--init {args.init} ({a.n_layer} layers x {a.n_embd}) and --ref {args.ref} "
+                        f"({b.n_layer} layers x {b.n_embd}) differ in shape; DPO starts the policy at the reference")
+    # frozen: no gradients, no dropout; on GPU it can run entirely in bf16 (no fp32 master weights needed)
+    reference.eval().requires_grad_(False)
+    if args.device.startswith("cuda") and args.dtype != "float32":
+        reference.to(getattr(torch, args.dtype))
+    return policy, reference
+
+
+@torch.no_grad()
+def reference_logps(reference, pairs, args, ctx):
+    """(N, 2) reference log-probs of every pair (chosen, rejected), in micro-batches."""
+    out = []
+    for start in range(0, len(pairs), args.batch_size):
+        input_ids, labels = (t.to(args.device) for t in dpo_batch(pairs[start:start + args.batch_size]))
+        with ctx:
+            out.append(torch.stack(pair_logps(reference, input_ids, labels), dim=1).float().cpu())
+    return torch.cat(out)
+
+
+def dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected):
+    """What the reference implementation logs, as sums over the pairs seen (divide by their count)."""
+    return {"loss": losses.sum().item(), "rewards/chosen": chosen_rewards.sum().item(),
+            "rewards/rejected": rejected_rewards.sum().item(),
+            "rewards/margin": (chosen_rewards - rejected_rewards).sum().item(),
+            "rewards/accuracy": reward_accuracy(chosen_rewards, rejected_rewards).item() * len(losses),
+            "logps/chosen": policy_chosen.sum().item(), "logps/rejected": policy_rejected.sum().item()}
+
+
+def add_metrics(total, new):
+    for key, value in new.items():
+        total[key] = total.get(key, 0.0) + value
+
+
+@torch.no_grad()
+def evaluate(policy, reference, pairs, ref_cache, args, ctx):
+    """DPO metrics on the first eval_batches micro-batches of the held-out split (true preferences)."""
+    policy.eval()
+    total, n = {}, min(len(pairs), args.eval_batches * args.batch_size)
+    for start in range(0, n, args.batch_size):
+        rows = list(range(start, min(start + args.batch_size, n)))
+        input_ids, labels = (t.to(args.device) for t in dpo_batch([pairs[i] for i in rows]))
+        with ctx:
+            chosen, rejected = pair_logps(policy, input_ids, labels)
+            if ref_cache is not None:
+                ref_chosen, ref_rejected = ref_cache[rows].to(args.device).unbind(1)
+            else:
+                ref_chosen, ref_rejected = pair_logps(reference, input_ids, labels)
+        out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing)
+        add_metrics(total, dpo_metrics(*out, chosen, rejected))
+    policy.train()
+    return {key: value / n for key, value in total.items()}
+
+
+def train(args):
+    torch.manual_seed(args.seed)
+    args.device = pick_device(args.device)
+    args.dtype = pick_dtype(args.dtype, args.device)
+    if args.device.startswith("cuda"):
+        setup_cuda()
+
+    train_pairs = tokenize_pairs(load_preferences(args.data, "train"), args.max_len, args.max_prompt_len)
+    test_pairs = tokenize_pairs(load_preferences(args.data, "test"), args.max_len, args.max_prompt_len)
+    if args.swap:  # the "bad" model: learn to prefer what the annotators rejected
+        train_pairs = [{"prompt": p["prompt"], "chosen": p["rejected"], "rejected": p["chosen"]} for p in train_pairs]
+
+    policy, reference = load_models(args)
+    ctx = autocast(args.device, args.dtype)
+    train_ref = test_ref = None
+    if args.precompute_ref:
+        # one pass of the reference over the data now, then only the policy stays in memory
+        t0 = time.time()
+        train_ref = reference_logps(reference, train_pairs, args, ctx)
+        test_ref = reference_logps(reference, test_pairs, args, ctx)
+        reference = None
+        print(f"reference log-probs of {len(train_pairs) + len(test_pairs)} pairs in {time.time() - t0:.1f}s")
+
+    optimizer = make_optimizer(policy, args.lr, 0.0, args.device, kind=args.optimizer)
+    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")
+    start = 0
+    if args.resume:
+        checkpoint = load_checkpoint(f"{args.out_dir}/ckpt.pt")
+        load_state(policy, checkpoint["model"], where=f"{args.out_dir}/ckpt.pt")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["scaler"] is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
+        start = checkpoint["iter"]
+        restore_rng(checkpoint)
+        print(f"resuming from step {start}")
+    if args.compile:
+        policy.compile()
+        if reference is not None:
+            reference.compile()
+    log = RunLog(args.out_dir, args.resume)
+    pairs_per_step = args.batch_size * args.grad_accum
+    print(f"{policy.num_params() / 1e6:.1f}M parameters, {args.device}, {args.dtype}; beta {args.beta}, "
+          f"{args.loss_type} loss; effective batch {args.batch_size} x {args.grad_accum} = {pairs_per_step} pairs")
+
+    def save(step):
+        save_checkpoint(args.out_dir, policy, optimizer, scaler, step, args)
+
+    def log_eval(step):
+        log({"iter": step, "split": "test", **evaluate(policy, reference, test_pairs, test_ref, args, ctx)})
+
+    with CtrlC() as ctrl_c:
+        for step in range(start, args.max_iters):
+            if args.eval_interval and step % args.eval_interval == 0 and not (args.resume and step == start):
+                log_eval(step)
+                if step > start:
+                    save(step)
+
+            lr = lr_at(step, args.lr, args.warmup, args.lr_decay_iters, decay=False)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.time()
+            total, n_tokens = {}, 0
+            for micro in range(args.grad_accum):
+                rows = batch_indices(len(train_pairs), args.batch_size, step * args.grad_accum + micro, args.seed)
+                input_ids, labels = (t.to(args.device) for t in dpo_batch([train_pairs[i] for i in rows]))
+                with ctx:
+                    chosen, rejected = pair_logps(policy, input_ids, labels)
+                    if train_ref is not None:
+                        ref_chosen, ref_rejected = train_ref[rows].to(args.device).unbind(1)
+                    else:
+                        with torch.no_grad():  # the reference is a constant: no graph, no activations kept
+                            ref_chosen, ref_rejected = pair_logps(reference, input_ids, labels)
+                out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type,
+                               args.label_smoothing)
+                # mean over the pairs of the effective batch: every micro-batch has batch_size pairs
+                scaler.scale(out[0].sum() / pairs_per_step).backward()
+                add_metrics(total, dpo_metrics(*out, chosen, rejected))
+                n_tokens += input_ids.numel()  # tokens through the policy, padding included
+            metrics = {key: value / pairs_per_step for key, value in total.items()}
+            if not torch.isfinite(torch.tensor(metrics["loss"])):
+                raise UserError(f"loss is {metrics['loss']} at step {step}; stopped, the last good checkpoint "
+                                f"in {args.out_dir} is kept. Try a lower --lr or --dtype bfloat16")
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            dt = time.time() - t0
+            log({"iter": step + 1, "split": "train", **metrics, "grad_norm": grad_norm.item(), "lr": lr,
+                 "dt_ms": dt * 1000, "tokens_per_s": n_tokens / dt})
+            if ctrl_c.pressed:
+                save(step + 1)
+                print(f"saved {args.out_dir}/ckpt.pt at step {step + 1}; continue with --resume")
+                return
+
+    log_eval(args.max_iters)
+    save(args.max_iters)
+    print(f"saved {args.out_dir}/ckpt.pt")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with user_errors():
+        train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,538 @@
+"""GPT-2, written out: the transformer, its weights from the Hugging Face hub, sampling, checkpoints.
+
+The module names equal Hugging Face's GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...), so
+importing the published weights is one renaming loop and four transposes. Numerics follow GPT-2 exactly
+(tanh GELU, LayerNorm eps 1e-5, biases everywhere, tied input/output embeddings); tests/test_model.py
+proves our logits equal `transformers.GPT2LMHeadModel`'s.
+
+Besides the model, this file holds the plumbing both training scripts share and that is not the
+lesson: device and precision choice, optimizer groups, checkpoint I/O and the one-line error for users.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # label of a position that is not trained on (prompt, padding): PyTorch's convention
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a bad path, a bad flag). Scripts print it as one line, no traceback."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a UserError into `error: ...` on stderr and exit status 1, instead of a traceback."""
+    try:
+        yield
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The transformer
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024   # longest sequence (learned position embeddings)
+    vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0     # GPT-2 was pretrained with 0.1; for fine-tuning 0 is the usual choice
+    bias: bool = True        # GPT-2 has biases in every Linear and LayerNorm
+
+
+# The published GPT-2 sizes (Radford et al., 2019); all share block_size 1024 and vocab_size 50257.
+GPT2_SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0
+        if kv_cache is not None:
+            # sampling: keys and values of earlier tokens are kept, so each new token costs O(T), not O(T^2)
+            if kv_cache[layer] is not None:
+                past = kv_cache[layer][0].size(2)
+                k = torch.cat([kv_cache[layer][0], k], dim=2)  # (B, nh, past + T, hs)
+                v = torch.cat([kv_cache[layer][1], v], dim=2)
+            kv_cache[layer] = (k, v)
+        dropout = self.dropout if self.training else 0.0
+        if past == 0:
+            # the causal mask as one flag: SDPA then picks flash / memory-efficient kernels where it can
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            # new tokens after a cache: new token i sees the `past` cached tokens and new tokens <= i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2 used the tanh approximation of GELU ("gelu_new" in transformers); the exact erf GELU
+        # differs by up to ~1e-3 per activation, enough to break equality with the published model
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)  # pre-norm residual blocks (GPT-2, sec. 2.3)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2 scales residual projections by 1/sqrt(2 * n_layer)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # the tied head is counted once
+
+    def forward(self, idx, kv_cache=None, hidden_only=False):
+        """Logits for every position, (B, T, vocab_size); the final hidden states with hidden_only."""
+        B, T = idx.size()
+        past = 0 if kv_cache is None or kv_cache[0] is None else kv_cache[0][0].size(2)
+        if past + T > self.config.block_size:
+            raise UserError(f"sequence of {past + T} tokens is longer than the model's block_size "
+                            f"{self.config.block_size}; lower --max_len")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        return x if hidden_only else self.lm_head(x)  # (B, T, vocab_size)
+
+    def token_logps(self, idx, labels):
+        """log p(labels[b, t] | idx[b, :t+1]) where a label exists, 0 elsewhere: (B, T), float32.
+
+        Labels are already shifted (data.py: labels[t] is the token after idx[t]) and IGNORE_INDEX on
+        prompt and padding. Two savings over `log_softmax(model(idx))`, same numbers:
+        - the head runs only on labelled rows: for GPT-2 small the 768 x 50257 head is a third of the
+          FLOPs per token, and prompts are often longer than responses;
+        - log p = logit[label] - logsumexp(logits), so no second (N, vocab) log-softmax tensor is made.
+        """
+        hidden = self(idx, hidden_only=True)  # (B, T, C)
+        mask = labels != IGNORE_INDEX         # (B, T)
+        logits = self.lm_head(hidden[mask]).float()  # (N, vocab): N labelled tokens; fp32 for the sums
+        targets = labels[mask]                       # (N,)
+        picked = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)  # (N,)
+        return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 eos_token=50256, use_cache=True, generator=None, stop=None):
+        """Continue idx (1, T) by up to max_new_tokens sampled tokens; returns (1, T + new).
+
+        temperature 0 is greedy. top_k keeps the k likeliest tokens, top_p the smallest set whose
+        probability reaches p (nucleus sampling). Stops after eos_token, when stop(new_token_ids) says
+        so, or at block_size. With use_cache, earlier tokens' keys and values are kept (a KV cache).
+        """
+        assert idx.size(0) == 1, "generate samples one sequence at a time"
+        max_new_tokens = min(max_new_tokens, self.config.block_size - idx.size(1))
+        kv_cache = [None] * self.config.n_layer if use_cache else None
+        new = []
+        next_input = idx
+        for _ in range(max_new_tokens):
+            logits = self(next_input if use_cache else idx, kv_cache=kv_cache)[:, -1, :].float()  # (1, V)
+            if temperature == 0:
+                token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                if top_p is not None and top_p < 1.0:
+                    sorted_logits, order = torch.sort(logits, descending=True)
+                    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+                    drop = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= p
+                    logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+                token = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (1, 1)
+            idx = torch.cat([idx, token], dim=1)
+            next_input = token
+            new.append(token.item())
+            if token.item() == eos_token or (stop is not None and stop(new)):
+                break
+        return idx
+
+    # ------------------------------------------------------------------------------------------------
+    # Hugging Face weights in and out
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, device="cpu"):
+        """A GPT-2 name (downloaded from the hub), a Hugging Face directory, or one of our checkpoint dirs."""
+        if name_or_dir in GPT2_SIZES:
+            config = GPTConfig(**GPT2_SIZES[name_or_dir])
+            weights = _download_weights(name_or_dir)
+        elif os.path.isfile(os.path.join(name_or_dir, "ckpt.pt")):
+            checkpoint = load_checkpoint(os.path.join(name_or_dir, "ckpt.pt"))
+            model = cls(GPTConfig(**checkpoint["config"]))
+            load_state(model, checkpoint["model"], where=name_or_dir)
+            return model.to(device)
+        elif os.path.isdir(name_or_dir):
+            config = _read_hf_config(name_or_dir)
+            weights = os.path.join(name_or_dir, "model.safetensors")
+            if not os.path.isfile(weights):
+                raise UserError(f"{name_or_dir} has no model.safetensors (nor a ckpt.pt of ours); give a "
+                                "directory written by save_pretrained, or a GPT-2 name")
+        else:
+            raise UserError(f"unknown model {name_or_dir!r}: use one of {', '.join(GPT2_SIZES)}, a Hugging "
+                            "Face directory (config.json + model.safetensors) or a checkpoint directory")
+        from safetensors.torch import load_file
+        model = cls(config)
+        load_state(model, hf_to_ours(load_file(weights), config), where=weights)
+        return model.to(device)
+
+    def save_pretrained(self, directory):
+        """config.json + model.safetensors in Hugging Face's GPT-2 layout (GPT2LMHeadModel loads it)."""
+        from safetensors.torch import save_file
+        c = self.config
+        config = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=c.vocab_size,
+                      n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                      n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                      resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+                      tie_word_embeddings=True)
+        if c.vocab_size > 50256:  # GPT-2's <|endoftext|> exists only in a full-size vocabulary
+            config.update(bos_token_id=50256, eos_token_id=50256)
+        weights = {}
+        for key, tensor in self.state_dict().items():
+            if key == "lm_head.weight":
+                continue  # tied to transformer.wte.weight; the loader ties it again
+            if key.endswith(CONV1D_WEIGHTS):
+                tensor = tensor.t()  # back to Conv1D's (in, out)
+            weights[key] = tensor.detach().to("cpu").contiguous()
+        os.makedirs(directory, exist_ok=True)
+        _atomic_write(os.path.join(directory, "model.safetensors"), lambda path: save_file(weights, path))
+        _atomic_write(os.path.join(directory, "config.json"),
+                      lambda path: open(path, "w").write(json.dumps(config, indent=2) + "\n"))
+
+
+# GPT-2's original code used Conv1D layers, whose weights are stored (in, out): nn.Linear wants (out, in)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_to_ours(hf_state, config):
+    """Map a Hugging Face GPT-2 state dict (either key layout) onto ours; checks every key and shape."""
+    state = {}
+    for key, tensor in hf_state.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers of old checkpoints, not weights
+        if not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key  # the hub's gpt2 files have no "transformer." prefix
+        state[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied, often not stored
+    expected = {k: tuple(v.shape) for k, v in GPT(config).to("meta").state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"weights do not match GPT-2 {config.n_layer} layers x {config.n_embd}: "
+                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise UserError(f"weight {key} has shape {tuple(state[key].shape)}, the model expects {shape}")
+    return state
+
+
+def load_state(model, state, where="checkpoint"):
+    """load_state_dict with a one-line error naming the first mismatching key and both shapes."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"{where} does not fit this model: missing keys {missing[:3]}, "
+                        f"unexpected keys {unexpected[:3]}")
+    for key, tensor in own.items():
+        if tensor.shape != state[key].shape:
+            raise UserError(f"{where} does not fit this model: {key} has shape {tuple(state[key].shape)} "
+                            f"there, {tuple(tensor.shape)} here")
+    model.load_state_dict(state)
+
+
+def _read_hf_config(directory):
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+        return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                         n_head=hf["n_head"], n_embd=hf["n_embd"])
+    except FileNotFoundError:
+        raise UserError(f"{directory} has no config.json; give a directory written by save_pretrained, "
+                        "a checkpoint directory, or a GPT-2 name") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a GPT-2 config ({type(e).__name__}: {e})") from None
+
+
+def _download_weights(name):
+    """Path of name's model.safetensors in the hub cache, downloading it on first use."""
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(repo_id=f"openai-community/{name}", filename="model.safetensors")
+    except Exception as e:  # offline, DNS failure, proxy: all say the same to the user
+        raise UserError(f"could not download {name} from the Hugging Face hub ({type(e).__name__}); "
+                        "check the network, or pass a local directory with config.json and "
+                        "model.safetensors") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plumbing shared by sft.py and dpo.py
+
+def _atomic_write(path, write):
+    """write(tmp_path), then rename over path: a crash midway leaves the old file whole."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(out_dir, model, optimizer, scaler, iteration, args, extra=None):
+    """OUT_DIR/ckpt.pt of plain types only, so torch.load(..., weights_only=True) reads it."""
+    raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    checkpoint = {
+        "model": raw.state_dict(),
+        "config": asdict(raw.config),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "iter": iteration,
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "rng": {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        **(extra or {}),
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_write(os.path.join(out_dir, "ckpt.pt"), lambda path: torch.save(checkpoint, path))
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}") from None
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def restore_rng(checkpoint):
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+
+
+def pick_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but this machine has no CUDA GPU; use --device cpu")
+    return device
+
+
+def pick_dtype(dtype, device):
+    """Training precision: bf16 where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU."""
+    if dtype == "auto":
+        if not device.startswith("cuda"):
+            return "float32"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {dtype} is not one of auto, float32, bfloat16, float16")
+    return dtype
+
+
+def autocast(device, dtype):
+    """Mixed precision: matmuls in bf16/fp16, weights and optimizer state stay fp32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def setup_cuda():
+    """TF32 matmuls on Ampere and newer: ~8x the fp32 throughput, 10-bit mantissa, harmless for training."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def make_optimizer(model, lr, weight_decay, device, kind="adamw", betas=(0.9, 0.95)):
+    """AdamW (or RMSprop) with weight decay on matrices only: biases, LayerNorms stay undecayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if kind == "rmsprop":  # what the DPO paper used
+        return torch.optim.RMSprop(groups, lr=lr)
+    fused = device.startswith("cuda")  # one kernel for all parameters instead of several per tensor
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def lr_at(step, lr, warmup, max_iters, decay=True):
+    """Learning rate at an optimizer step: 1) linear warmup, 2) cosine decay to lr/10, 3) constant after."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if not decay or step >= max_iters:
+        return lr if not decay else lr / 10
+    progress = (step - warmup) / max(1, max_iters - warmup)
+    return lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - lr / 10)
+
+
+def training_arguments(description, defaults, demo_defaults):
+    """The flags sft.py and dpo.py share; each script adds its own and passes its defaults.
+
+    --demo only swaps in demo_defaults: any flag given on the command line still wins."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--demo", action="store_true", help="the offline toy task on a tiny model, sized for a CPU")
+    p.add_argument("--init", help="gpt2[-medium|-large|-xl], a Hugging Face directory, a checkpoint "
+                   "directory, or scratch (with --n_layer/--n_head/--n_embd)")
+    p.add_argument("--data", help="Anthropic/hh-rlhf[:subset], a local directory or .jsonl/.json file, or toy")
+    p.add_argument("--out_dir")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), "
+                   "float32, bfloat16, float16")
+    p.add_argument("--batch_size", type=int, help="micro-batch, in examples (pairs for DPO)")
+    p.add_argument("--grad_accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--max_len", type=int, help="tokens of prompt + response, at most")
+    p.add_argument("--max_prompt_len", type=int, help="tokens a too-long prompt is cut to (its end is kept)")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--warmup", type=int, help="optimizer steps of linear warmup")
+    p.add_argument("--max_iters", type=int, help="optimizer steps in the whole run (a resumed run included)")
+    p.add_argument("--lr_decay_iters", type=int, default=None, help="cosine decay ends here (default: max_iters)")
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--eval_interval", type=int, help="evaluate and save every N steps (0: only at the end)")
+    p.add_argument("--eval_batches", type=int, default=20, help="micro-batches of the test split per eval")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (needs a C compiler)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--n_layer", type=int, default=2, help="with --init scratch")
+    p.add_argument("--n_head", type=int, default=4, help="with --init scratch")
+    p.add_argument("--n_embd", type=int, default=64, help="with --init scratch")
+    p.set_defaults(**defaults)
+
+    def parse(argv=None):
+        if "--demo" in (sys.argv[1:] if argv is None else argv):
+            p.set_defaults(**demo_defaults)
+        args = p.parse_args(argv)
+        for name in ("batch_size", "grad_accum", "max_len", "max_prompt_len", "max_iters"):
+            if getattr(args, name) < 1:
+                p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+        if args.lr <= 0 or args.warmup < 0 or args.eval_interval < 0:
+            p.error("--lr must be positive, --warmup and --eval_interval not negative")
+        args.lr_decay_iters = args.lr_decay_iters or args.max_iters
+        return args
+    p.parse = parse
+    return p
+
+
+def load_model(init, args, device):
+    """The model a run starts from: --init as GPT.from_pretrained reads it, or a fresh one (scratch)."""
+    if init == "scratch":
+        config = GPTConfig(block_size=args.max_len, n_layer=args.n_layer, n_head=args.n_head,
+                           n_embd=args.n_embd, dropout=args.dropout)
+        return GPT(config).to(device)
+    model = GPT.from_pretrained(init, device)
+    model.config.dropout = args.dropout
+    for module in model.modules():  # dropout is a training choice, not part of the weights
+        if isinstance(module, nn.Dropout):
+            module.p = args.dropout
+        if isinstance(module, CausalSelfAttention):
+            module.dropout = args.dropout
+    if args.max_len > model.config.block_size:
+        raise UserError(f"--max_len {args.max_len} is longer than {init}'s block_size {model.config.block_size}")
+    return model
+
+
+class RunLog:
+    """One JSON object a line in OUT_DIR/log.jsonl (appended to on --resume), and a console line."""
+
+    def __init__(self, out_dir, resume):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "log.jsonl")
+        if not resume and os.path.exists(self.path):
+            os.remove(self.path)
+
+    def __call__(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = " | ".join(f"{k} {_short(v)}" for k, v in record.items() if k not in ("iter", "split"))
+        print(f"{record['split']:5s} step {record['iter']:5d} | {shown}", flush=True)
+
+
+def _short(value):
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class CtrlC:
+    """Ctrl-C sets a flag instead of killing the run, so the loop can save a checkpoint and stop."""
+
+    def __enter__(self):
+        self.pressed = False
+        self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        print("\nCtrl-C: finishing this step, saving a checkpoint, then stopping", flush=True)
+        self.pressed = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)

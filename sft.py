@@ -1,0 +1,156 @@
+"""Stage 1: supervised fine-tuning (SFT) on the preferred responses, which makes the reference policy pi_ref.
+
+DPO measures how far the policy moves from pi_ref on the preference data, so pi_ref should already
+produce responses like those in the data: GPT-2 never saw "\\n\\nHuman: ... \\n\\nAssistant:" dialogues.
+We maximize the likelihood of the chosen responses given their prompts (prompt tokens are not trained
+on). Stop well before convergence: an SFT model that already puts its mass on the chosen responses
+leaves DPO little to learn (see README, "Pitfalls").
+
+    python sft.py                      # gpt2 on Anthropic/hh-rlhf, one GPU
+    python sft.py --demo               # toy task, tiny model from scratch, a minute on a CPU
+    python sft.py --target rejected    # the "bad" reference: SFT on the rejected responses
+"""
+import time
+
+import torch
+
+from data import batch_indices, collate, load_preferences, sft_examples, tokenize_pairs
+from model import (IGNORE_INDEX, CtrlC, RunLog, UserError, autocast, load_checkpoint, load_model, load_state,
+                   lr_at, make_optimizer, pick_device, pick_dtype, restore_rng, save_checkpoint, setup_cuda,
+                   training_arguments, user_errors)
+
+# Defaults for GPT-2 small on HH-RLHF on one GPU: 64 examples a step, about 0.6 epochs of HH's 160k
+# pairs, so the reference stays short of convergence.
+DEFAULTS = dict(init="gpt2", data="Anthropic/hh-rlhf", out_dir="out/sft", batch_size=8, grad_accum=8,
+                max_len=512, max_prompt_len=256, lr=2e-5, warmup=100, max_iters=1500, eval_interval=250,
+                weight_decay=0.0, target="chosen")
+# --demo: the toy task on a 2-layer, 64-wide model from scratch; about a minute on 2 CPU cores.
+DEMO = dict(init="scratch", data="toy", out_dir="out/demo/sft", batch_size=32, grad_accum=1, max_len=64,
+            max_prompt_len=32, lr=3e-3, warmup=20, max_iters=300, eval_interval=100, device="cpu",
+            weight_decay=0.1, target="both")
+
+
+def parse_args(argv=None):
+    parser = training_arguments(__doc__.splitlines()[0], DEFAULTS, DEMO)
+    parser.add_argument("--target", choices=["chosen", "rejected", "both"],
+                        help="responses to imitate: chosen (pi_ref for DPO), rejected (a bad reference), or "
+                        "both (the demo: an SFT model that shows both behaviours, so DPO has a choice to make)")
+    return parser.parse(argv)
+
+
+@torch.no_grad()
+def evaluate(model, examples, args, ctx):
+    """Mean loss per response token on the first eval_batches micro-batches of the test split."""
+    model.eval()
+    total_logp, total_tokens = 0.0, 0
+    for start in range(0, min(len(examples), args.eval_batches * args.batch_size), args.batch_size):
+        input_ids, labels = (t.to(args.device) for t in collate(examples[start:start + args.batch_size]))
+        with ctx:
+            total_logp += model.token_logps(input_ids, labels).sum().item()
+        total_tokens += (labels != IGNORE_INDEX).sum().item()
+    model.train()
+    return -total_logp / total_tokens
+
+
+def train(args):
+    torch.manual_seed(args.seed)
+    args.device = pick_device(args.device)
+    args.dtype = pick_dtype(args.dtype, args.device)
+    if args.device.startswith("cuda"):
+        setup_cuda()
+
+    # data: every (prompt, response) of the target as one example; labels only on the response
+    train_pairs = tokenize_pairs(load_preferences(args.data, "train"), args.max_len, args.max_prompt_len)
+    test_pairs = tokenize_pairs(load_preferences(args.data, "test"), args.max_len, args.max_prompt_len)
+    train_examples = sft_examples(train_pairs, args.target)
+    test_examples = sft_examples(test_pairs, args.target)
+
+    model = load_model(args.init, args, args.device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.device)
+    # fp16 overflows without loss scaling; bf16 has fp32's exponent range and needs none
+    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")
+    start = 0
+    if args.resume:
+        checkpoint = load_checkpoint(f"{args.out_dir}/ckpt.pt")
+        load_state(model, checkpoint["model"], where=f"{args.out_dir}/ckpt.pt")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["scaler"] is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
+        start = checkpoint["iter"]
+        restore_rng(checkpoint)  # dropout masks continue as in a straight run
+        print(f"resuming from step {start}")
+    if args.compile:
+        model.compile()  # in place: state_dict keys stay the same
+    ctx = autocast(args.device, args.dtype)
+    log = RunLog(args.out_dir, args.resume)
+
+    mean_tokens = sum((torch.tensor(labels) != IGNORE_INDEX).sum().item() for _, labels in train_examples[:1000])
+    mean_tokens /= min(len(train_examples), 1000)
+    print(f"{model.num_params() / 1e6:.1f}M parameters, {args.device}, {args.dtype}; effective batch "
+          f"{args.batch_size} x {args.grad_accum} = {args.batch_size * args.grad_accum} examples, "
+          f"~{mean_tokens * args.batch_size * args.grad_accum:.0f} response tokens")
+
+    def save(step):
+        save_checkpoint(args.out_dir, model, optimizer, scaler, step, args)
+
+    with CtrlC() as ctrl_c:
+        for step in range(start, args.max_iters):
+            if args.eval_interval and step % args.eval_interval == 0 and not (args.resume and step == start):
+                loss = evaluate(model, test_examples, args, ctx)
+                log({"iter": step, "split": "test", "loss": loss, "ppl": float(torch.tensor(loss).exp())})
+                if step > start:
+                    save(step)
+
+            lr = lr_at(step, args.lr, args.warmup, args.lr_decay_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.time()
+
+            # Gradient accumulation. The loss is the mean over every response token of the *effective*
+            # batch, so each micro-batch divides its summed log-likelihood by that batch-wide count:
+            # k micro-batches then add up to exactly the gradient of one batch k times larger, however
+            # the response lengths differ. (Averaging each micro-batch's own mean, then dividing by k,
+            # weighs a token of a short micro-batch more than one of a long micro-batch.)
+            micro_batches = [collate([train_examples[i] for i in batch_indices(
+                len(train_examples), args.batch_size, step * args.grad_accum + m, args.seed)])
+                for m in range(args.grad_accum)]
+            n_tokens = sum((labels != IGNORE_INDEX).sum().item() for _, labels in micro_batches)
+            loss_value, n_seen = 0.0, 0
+            for input_ids, labels in micro_batches:
+                input_ids, labels = input_ids.to(args.device), labels.to(args.device)
+                with ctx:
+                    loss = -model.token_logps(input_ids, labels).sum() / n_tokens  # cross-entropy, sum part
+                scaler.scale(loss).backward()
+                loss_value += loss.item()
+                n_seen += input_ids.numel()
+            if not torch.isfinite(torch.tensor(loss_value)):
+                raise UserError(f"loss is {loss_value} at step {step}; stopped, the last good checkpoint in "
+                                f"{args.out_dir} is kept. Try a lower --lr or --dtype bfloat16")
+            scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            dt = time.time() - t0
+            log({"iter": step + 1, "split": "train", "loss": loss_value, "lr": lr,
+                 "grad_norm": grad_norm.item(), "dt_ms": dt * 1000, "tokens_per_s": n_seen / dt})
+            if ctrl_c.pressed:
+                save(step + 1)
+                print(f"saved {args.out_dir}/ckpt.pt at step {step + 1}; continue with --resume")
+                return
+
+    loss = evaluate(model, test_examples, args, ctx)
+    log({"iter": args.max_iters, "split": "test", "loss": loss, "ppl": float(torch.tensor(loss).exp())})
+    save(args.max_iters)
+    print(f"saved {args.out_dir}/ckpt.pt")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with user_errors():
+        train(args)
+
+
+if __name__ == "__main__":
+    main()
