@@ -1,0 +1,36 @@
+"""Shared test setup: the project root on sys.path, offline tokenizer files, tiny GPT-2 checkpoints."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+HH_TEST = os.path.join(SHARED, "data", "hh-rlhf", "harmless-base", "test.jsonl.gz")
+sys.path.insert(0, ROOT)
+if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
+# no test may wait on the network: hub calls fail at once instead of retrying for ~20 s
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+needs_hh = pytest.mark.skipif(not os.path.exists(HH_TEST), reason="shared HH-RLHF file not present")
+
+
+def make_hf_gpt2(directory, vocab_size=50257, n_positions=128, n_layer=2, n_head=2, n_embd=32, seed=0):
+    """A random GPT-2 written by transformers.save_pretrained (the Hugging Face layout)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_layer=n_layer,
+                                       n_head=n_head, n_embd=n_embd, attn_implementation="eager"))
+    model.save_pretrained(str(directory))
+    return model.eval()
+
+
+def run_script(script, *args, env=None, timeout=600):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    import subprocess
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
