@@ -115,19 +115,19 @@ def _read_file(path):
             raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(rows, list):
             raise UserError(f"{path}: expected a JSON list of objects, found {type(rows).__name__}")
-        numbered = list(enumerate(rows, start=1))
+        numbered = [(f"{path}: item {i}", row) for i, row in enumerate(rows, start=1)]  # not a line number
     else:
         numbered = []
         for line_no, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                numbered.append((line_no, json.loads(line)))
+                numbered.append((f"{path}:{line_no}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); each line must be one "
                                 "object with chosen and rejected") from None
     for where, row in numbered:
-        _check_record(row, f"{path}:{where}")
+        _check_record(row, where)
     return [row for _, row in numbered]
 
 
@@ -230,6 +230,9 @@ def tokenize_pairs(pairs, max_len=512, max_prompt_len=256, tokenizer=None, verbo
     rejecteds = encode([p["rejected"] for p in pairs])
     out, prompts_cut, responses_cut = [], 0, 0
     for prompt, chosen, rejected in zip(prompts, chosens, rejecteds):
+        # an empty prompt starts from EOS (GPT-2 has no BOS): the first response token needs a position
+        # before it to be predicted from, and example() needs one prompt token for its shift
+        prompt = prompt or [EOS]
         chosen, rejected = chosen + [EOS], rejected + [EOS]
         if len(prompt) + max(len(chosen), len(rejected)) > max_len and len(prompt) > max_prompt_len:
             prompt = prompt[-max_prompt_len:]
