@@ -31,11 +31,11 @@ from model import (GPT2_SIZES, IGNORE_INDEX, CtrlC, RunLog, UserError, autocast,
 # The paper's settings (sec. 6 and app. B): beta 0.1, batch 64, RMSprop at lr 1e-6 with 150 warmup steps;
 # one epoch of HH's 160k pairs is 2,500 steps of 64.
 DEFAULTS = dict(init="out/sft", data="Anthropic/hh-rlhf", out_dir=None, batch_size=8, grad_accum=8,
-                max_len=512, max_prompt_len=256, lr=1e-6, warmup=150, max_iters=2500, eval_interval=250,
+                max_len=512, lr=1e-6, warmup=150, max_iters=2500, eval_interval=250,
                 optimizer="rmsprop", beta=0.1)
 # --demo: the toy task from the demo SFT model; a minute or two on 2 CPU cores.
-DEMO = dict(init="out/demo/sft", data="toy", batch_size=16, grad_accum=1, max_len=64, max_prompt_len=32,
-            lr=1e-3, warmup=10, max_iters=60, eval_interval=20, device="cpu", optimizer="adamw")
+DEMO = dict(init="out/demo/sft", data="toy", batch_size=16, grad_accum=1, max_len=64,
+            lr=2e-5, warmup=10, max_iters=80, eval_interval=20, device="cpu", optimizer="adamw")
 
 
 def parse_args(argv=None):

@@ -22,11 +22,11 @@ from model import (IGNORE_INDEX, CtrlC, RunLog, UserError, autocast, load_checkp
 # Defaults for GPT-2 small on HH-RLHF on one GPU: 64 examples a step, about 0.6 epochs of HH's 160k
 # pairs, so the reference stays short of convergence.
 DEFAULTS = dict(init="gpt2", data="Anthropic/hh-rlhf", out_dir="out/sft", batch_size=8, grad_accum=8,
-                max_len=512, max_prompt_len=256, lr=2e-5, warmup=100, max_iters=1500, eval_interval=250,
+                max_len=512, lr=2e-5, warmup=100, max_iters=1500, eval_interval=250,
                 weight_decay=0.0, target="chosen")
 # --demo: the toy task on a 2-layer, 64-wide model from scratch; about a minute on 2 CPU cores.
 DEMO = dict(init="scratch", data="toy", out_dir="out/demo/sft", batch_size=32, grad_accum=1, max_len=64,
-            max_prompt_len=32, lr=3e-3, warmup=20, max_iters=300, eval_interval=100, device="cpu",
+            lr=3e-3, warmup=20, max_iters=300, eval_interval=100, device="cpu",
             weight_decay=0.1, target="both")
 
 
@@ -36,6 +36,12 @@ def parse_args(argv=None):
                         help="responses to imitate: chosen (pi_ref for DPO), rejected (a bad reference), or "
                         "both (the demo: an SFT model that shows both behaviours, so DPO has a choice to make)")
     return parser.parse(argv)
+
+
+def sft_loss(model, input_ids, labels, n_tokens):
+    """This micro-batch's share of the effective batch's loss: its response tokens' negative
+    log-likelihood, summed, over n_tokens, the number of response tokens in the whole effective batch."""
+    return -model.token_logps(input_ids, labels).sum() / n_tokens
 
 
 @torch.no_grad()
@@ -119,7 +125,7 @@ def train(args):
             for input_ids, labels in micro_batches:
                 input_ids, labels = input_ids.to(args.device), labels.to(args.device)
                 with ctx:
-                    loss = -model.token_logps(input_ids, labels).sum() / n_tokens  # cross-entropy, sum part
+                    loss = sft_loss(model, input_ids, labels, n_tokens)
                 scaler.scale(loss).backward()
                 loss_value += loss.item()
                 n_seen += input_ids.numel()

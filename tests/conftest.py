@@ -34,3 +34,29 @@ def run_script(script, *args, env=None, timeout=600):
     import subprocess
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "4", "--n_embd", "64"]
+
+
+@pytest.fixture(scope="session")
+def toy_models(tmp_path_factory):
+    """The demo pipeline at a smaller scale: SFT from scratch on both toy registers, then DPO and the
+    swapped ("bad") DPO from it. About a minute on 2 cores; shared by the DPO and sample tests."""
+    import dpo
+    import sft
+    root = tmp_path_factory.mktemp("toy")
+    dirs = {name: str(root / name) for name in ("sft", "dpo", "dpo-bad")}
+    sft.main(["--demo", "--max_iters", "150", "--eval_interval", "0", "--eval_batches", "2",
+              "--out_dir", dirs["sft"]] + TINY)
+    common = ["--demo", "--init", dirs["sft"], "--beta", "0.1", "--lr", "1e-4", "--max_iters", "30",
+              "--eval_interval", "0", "--eval_batches", "4"]
+    dpo.main(common + ["--out_dir", dirs["dpo"]])
+    dpo.main(common + ["--swap", "--out_dir", dirs["dpo-bad"]])
+    return dirs
+
+
+def read_log(out_dir, split):
+    import json
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]

@@ -1,0 +1,194 @@
+"""Generate from several models side by side, and measure what DPO changed: a lab notebook in results/.
+
+Every model gets the same prompts and, per prompt, the same random seed, so differences in the
+completions come from the weights alone. For each model it reports:
+- mean response length (tokens);
+- KL from the reference on the model's own samples: the mean over samples of
+  sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)], the x-axis of the paper's reward/KL
+  frontier (fig. 2). It estimates KL(pi || pi_ref) only for plain sampling (temperature 1, no top-k/p);
+- held-out preference accuracy of the implicit reward beta log(pi / pi_ref) on --data's test split;
+- on the toy task, the oracle reward (data.toy_reward) of the samples.
+
+    python sample.py --model sft=out/sft --model dpo=out/dpo --prompt "\\n\\nHuman: Hi!\\n\\nAssistant:"
+    python sample.py --demo      # sft, dpo and dpo-bad of the offline demo -> results/demo.md, demo.json
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from data import EOS, dpo_batch, get_tokenizer, load_preferences, toy_reward, tokenize_pairs
+from dpo import pair_logps, reward_accuracy
+from model import GPT, IGNORE_INDEX, UserError, pick_device, user_errors
+
+DEMO_MODELS = ["sft=out/demo/sft", "dpo=out/demo/dpo", "dpo-bad=out/demo/dpo-bad"]
+STOP_TEXT = "\n\nHuman:"  # the model starting the user's next turn: the reply is over
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--demo", action="store_true", help="compare the demo's sft, dpo and dpo-bad on toy prompts")
+    p.add_argument("--model", action="append", default=[], metavar="[LABEL=]MODEL",
+                   help="a checkpoint directory, Hugging Face directory or GPT-2 name; repeat for more")
+    p.add_argument("--ref", help="reference model for KL and accuracy (default: the first --model)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for more")
+    p.add_argument("--prompts_file", help="a text file of prompts separated by blank-line-free '---' lines")
+    p.add_argument("--data", help="take prompts from this source's test split; also gives the accuracy")
+    p.add_argument("--num_prompts", type=int, default=8)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--beta", type=float, default=0.1, help="only scales the reported rewards")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--name", help="results/NAME.md and results/NAME.json (default: a timestamp)")
+    p.add_argument("--results_dir", default="results")
+    p.add_argument("--show", type=int, default=3, help="prompts printed side by side on the console")
+    args = p.parse_args(argv)
+    if args.demo:
+        args.model = args.model or DEMO_MODELS
+        args.data = args.data or "toy"
+        args.num_prompts = 64 if args.num_prompts == p.get_default("num_prompts") else args.num_prompts
+        args.max_new_tokens = min(args.max_new_tokens, 40)
+        args.device = "cpu" if args.device == "auto" else args.device
+        args.name = args.name or "demo"
+    if not args.model:
+        p.error("give at least one --model (or --demo)")
+    if args.temperature < 0 or args.num_prompts < 1 or args.max_new_tokens < 1:
+        p.error("--temperature must be >= 0, --num_prompts and --max_new_tokens at least 1")
+    args.name = args.name or time.strftime("compare-%Y%m%d-%H%M%S")
+    return args
+
+
+def read_prompts(args):
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file) as f:
+                prompts += [block.strip("\n") for block in f.read().split("\n---\n") if block.strip()]
+        except OSError as e:
+            raise UserError(f"cannot read --prompts_file {args.prompts_file}: {e.strerror}") from None
+    if not prompts and args.data:
+        prompts = [p["prompt"] for p in load_preferences(args.data, "test")[:args.num_prompts]]
+    if not prompts:
+        raise UserError("no prompts: give --prompt, --prompts_file or --data")
+    return prompts
+
+
+def response_logp(model, prompt_ids, response_ids, device):
+    """log pi(response | prompt), summed over the response tokens."""
+    ids = torch.tensor([prompt_ids + response_ids], device=device)
+    labels = torch.tensor([[IGNORE_INDEX] * (len(prompt_ids) - 1) + response_ids], device=device)
+    return model.token_logps(ids[:, :-1], labels).sum().item()
+
+
+@torch.no_grad()
+def held_out_accuracy(model, reference, pairs, device, batch_size=16):
+    """Share of held-out pairs where the implicit reward log(pi / pi_ref) prefers the chosen response."""
+    rewards = []
+    for start in range(0, len(pairs), batch_size):
+        input_ids, labels = (t.to(device) for t in dpo_batch(pairs[start:start + batch_size]))
+        chosen, rejected = pair_logps(model, input_ids, labels)
+        ref_chosen, ref_rejected = pair_logps(reference, input_ids, labels)
+        rewards.append(torch.stack([chosen - ref_chosen, rejected - ref_rejected], 1))
+    rewards = torch.cat(rewards)
+    return reward_accuracy(rewards[:, 0], rewards[:, 1]).item()
+
+
+@torch.no_grad()
+def compare(args):
+    device = pick_device(args.device)
+    tokenizer = get_tokenizer()
+    labelled = [spec.split("=", 1) if "=" in spec else (spec.rstrip("/").split("/")[-1], spec) for spec in args.model]
+    models = {label: GPT.from_pretrained(path, device).eval() for label, path in labelled}
+    ref_label = args.ref or labelled[0][0]
+    reference = models[ref_label] if ref_label in models else GPT.from_pretrained(args.ref, device).eval()
+    prompts = read_prompts(args)
+    pairs = None
+    if args.data:
+        pairs = tokenize_pairs(load_preferences(args.data, "test", verbose=False)[:256], 512, 256,
+                               tokenizer, verbose=False)
+        context = min(m.config.block_size for m in models.values())
+        pairs = [p for p in pairs if len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) <= context]
+
+    def stop(new_ids):
+        return STOP_TEXT in tokenizer.decode(new_ids[-4:])
+
+    samples = {label: [] for label in models}
+    summary = {}
+    for label, model in models.items():
+        lengths, kls, rewards = [], [], []
+        for i, prompt in enumerate(prompts):
+            prompt_ids = tokenizer.encode_ordinary(prompt)[-(model.config.block_size - args.max_new_tokens):]
+            generator = torch.Generator(device=device).manual_seed(args.seed + i)  # same seed per prompt
+            out = model.generate(torch.tensor([prompt_ids], device=device), args.max_new_tokens,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 generator=generator, stop=stop)
+            new_ids = out[0, len(prompt_ids):].tolist()
+            text = tokenizer.decode([t for t in new_ids if t != EOS])
+            text = text.split(STOP_TEXT)[0]
+            kl = response_logp(model, prompt_ids, new_ids, device) - response_logp(reference, prompt_ids, new_ids, device)
+            lengths.append(len(new_ids))
+            kls.append(kl)
+            record = {"prompt": prompt, "completion": text, "tokens": len(new_ids), "kl": kl}
+            if args.data == "toy":
+                record["reward"] = toy_reward(text)
+                rewards.append(record["reward"])
+            samples[label].append(record)
+        summary[label] = {"mean_length": sum(lengths) / len(lengths), "kl": sum(kls) / len(kls)}
+        if rewards:
+            summary[label]["oracle_reward"] = sum(rewards) / len(rewards)
+        if pairs:
+            summary[label]["accuracy"] = held_out_accuracy(model, reference, pairs, device)
+    return prompts, samples, summary, ref_label
+
+
+def write_results(args, prompts, samples, summary, ref_label):
+    os.makedirs(args.results_dir, exist_ok=True)
+    settings = {k: getattr(args, k) for k in ("model", "data", "temperature", "top_k", "top_p", "max_new_tokens", "seed")}
+    record = {"settings": settings, "reference": ref_label, "summary": summary, "samples": samples}
+    with open(os.path.join(args.results_dir, args.name + ".json"), "w") as f:
+        json.dump(record, f, indent=1)
+    with open(os.path.join(args.results_dir, args.name + ".jsonl"), "w") as f:
+        for label, rows in samples.items():
+            for row in rows:
+                f.write(json.dumps({"model": label, **row}) + "\n")
+    lines = [f"# {args.name}", "", f"`python sample.py {' '.join(f'--model {m}' for m in args.model)}"
+             f"{' --data ' + args.data if args.data else ''}`, temperature {args.temperature}, "
+             f"{len(prompts)} prompts, seed {args.seed}; KL and accuracy against `{ref_label}`.", "",
+             table(summary), ""]
+    for i, prompt in enumerate(prompts):
+        lines += [f"## Prompt {i + 1}", "", "```", prompt.strip(), "```", ""]
+        lines += [f"- **{label}**: {rows[i]['completion'].strip()!r}" for label, rows in samples.items()] + [""]
+    with open(os.path.join(args.results_dir, args.name + ".md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def table(summary):
+    columns = ["mean_length", "kl", "oracle_reward", "accuracy"]
+    columns = [c for c in columns if any(c in row for row in summary.values())]
+    rows = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, row in summary.items():
+        rows.append(f"| {label} | " + " | ".join(f"{row[c]:.3f}" if c in row else "" for c in columns) + " |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with user_errors():
+        prompts, samples, summary, ref_label = compare(args)
+        write_results(args, prompts, samples, summary, ref_label)
+    for i in range(min(args.show, len(prompts))):
+        print(f"\n=== prompt {i + 1}: {prompts[i].strip()[-120:]!r}")
+        for label, rows in samples.items():
+            print(f"--- {label}: {rows[i]['completion'].strip()!r}")
+    print("\n" + table(summary))
+    print(f"\nwrote {args.results_dir}/{args.name}.md, .json and .jsonl")
+
+
+if __name__ == "__main__":
+    main()
