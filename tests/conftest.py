@@ -50,7 +50,7 @@ def toy_models(tmp_path_factory):
     sft.main(["--demo", "--max_iters", "150", "--eval_interval", "0", "--eval_batches", "2",
               "--out_dir", dirs["sft"]] + TINY)
     common = ["--demo", "--init", dirs["sft"], "--beta", "0.1", "--lr", "1e-4", "--max_iters", "30",
-              "--eval_interval", "0", "--eval_batches", "4"]
+              "--eval_interval", "30", "--eval_batches", "4"]  # evals at step 0 and at the end
     dpo.main(common + ["--out_dir", dirs["dpo"]])
     dpo.main(common + ["--swap", "--out_dir", dirs["dpo-bad"]])
     return dirs
