@@ -317,8 +317,10 @@ class GPT(nn.Module):
             weights[key] = tensor.detach().to("cpu").contiguous()
         os.makedirs(directory, exist_ok=True)
         _atomic_write(os.path.join(directory, "model.safetensors"), lambda path: save_file(weights, path))
-        _atomic_write(os.path.join(directory, "config.json"),
-                      lambda path: open(path, "w").write(json.dumps(config, indent=2) + "\n"))
+        def write_config(path):
+            with open(path, "w") as f:
+                f.write(json.dumps(config, indent=2) + "\n")
+        _atomic_write(os.path.join(directory, "config.json"), write_config)
 
 
 # GPT-2's original code used Conv1D layers, whose weights are stored (in, out): nn.Linear wants (out, in)
@@ -335,7 +337,8 @@ def hf_to_ours(hf_state, config):
             key = "transformer." + key  # the hub's gpt2 files have no "transformer." prefix
         state[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
     state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied, often not stored
-    expected = {k: tuple(v.shape) for k, v in GPT(config).to("meta").state_dict().items()}
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing initialized
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -1,0 +1,46 @@
+"""sample.py: side-by-side generations and the numbers of the demo, on the toy pipeline."""
+import json
+
+import pytest
+
+import sample
+from data import toy_reward
+
+
+def test_sample_ranks_dpo_over_sft_over_the_bad_model(toy_models, tmp_path):
+    sample.main(["--demo", "--model", f"sft={toy_models['sft']}", "--model", f"dpo={toy_models['dpo']}",
+                 "--model", f"dpo-bad={toy_models['dpo-bad']}", "--num_prompts", "24",
+                 "--results_dir", str(tmp_path), "--name", "small-demo"])
+    record = json.loads((tmp_path / "small-demo.json").read_text())
+    summary = record["summary"]
+    assert summary["sft"]["kl"] == 0.0  # the reference against itself
+    assert summary["dpo"]["kl"] > 0 and summary["dpo-bad"]["kl"] > 0
+    assert summary["dpo"]["oracle_reward"] > summary["sft"]["oracle_reward"] + 0.2
+    assert summary["sft"]["oracle_reward"] > summary["dpo-bad"]["oracle_reward"] + 0.2
+    assert summary["sft"]["accuracy"] == 0.5 and summary["dpo"]["accuracy"] > 0.9
+    # every model answered the same 24 prompts; rewards in the file are the oracle's on the text
+    for label in ("sft", "dpo", "dpo-bad"):
+        rows = record["samples"][label]
+        assert [r["prompt"] for r in rows] == [r["prompt"] for r in record["samples"]["sft"]]
+        assert len(rows) == 24
+        assert all(r["reward"] == toy_reward(r["completion"]) for r in rows)
+        assert all("\n\nHuman:" not in r["completion"] for r in rows)
+    markdown = (tmp_path / "small-demo.md").read_text()
+    assert "| dpo-bad |" in markdown and "## Prompt 24" in markdown
+    assert len((tmp_path / "small-demo.jsonl").read_text().splitlines()) == 3 * 24
+
+
+def test_same_seed_same_samples_and_greedy_is_deterministic(toy_models, tmp_path):
+    for name in ("a", "b"):
+        sample.main(["--model", toy_models["sft"], "--prompt", "\n\nHuman: Hi, I am Ana. How do I bake bread?"
+                     "\n\nAssistant:", "--max_new_tokens", "20", "--device", "cpu", "--results_dir",
+                     str(tmp_path), "--name", name])
+    a = json.loads((tmp_path / "a.json").read_text())["samples"]
+    b = json.loads((tmp_path / "b.json").read_text())["samples"]
+    assert a == b and a["sft"][0]["completion"]
+
+
+def test_no_prompts_is_one_clear_line(toy_models, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--model", toy_models["sft"], "--device", "cpu"])
+    assert "no prompts" in str(exit_info.value.code)
