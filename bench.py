@@ -166,7 +166,8 @@ def run(args):
         rows.append(("dpo", dpo_ids.numel(), flops, *measure(dpo_step, args, device)))
 
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
-    print(f"{args.model} shape ({config.n_layer} layers x {config.n_embd}), batch {args.batch_size}, seq_len "
+    label = args.model if shape == GPT2_SIZES[args.model] else "custom"
+    print(f"{label} shape ({config.n_layer} layers x {config.n_embd}), batch {args.batch_size}, seq_len "
           f"{args.seq_len}, response {args.response_frac:.0%}, {dtype}, compile {args.compile}, precompute_ref "
           f"{args.precompute_ref}; {name}, peak {peak:.1f} TFLOP/s")
     print(f"{'step':5s} {'ms':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak mem':>9s}")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from data import batch_indices, dpo_batch, load_preferences, tokenize_pairs
-from model import (GPT2_SIZES, IGNORE_INDEX, CtrlC, RunLog, UserError, autocast, load_checkpoint, load_model,
+from model import (GPT2_SIZES, CtrlC, RunLog, UserError, autocast, load_checkpoint, load_model,
                    load_state, lr_at, make_optimizer, pick_device, pick_dtype, restore_rng, save_checkpoint,
                    setup_cuda, training_arguments, user_errors)
 
@@ -127,6 +127,21 @@ def load_models(args):
     return policy, reference
 
 
+def policy_and_reference_logps(policy, reference, pairs, rows, ref_cache, args, ctx):
+    """(policy chosen, policy rejected, reference chosen, reference rejected) log-probs of pairs[rows],
+    and the number of tokens the policy processed (padding included). With --precompute_ref the
+    reference's come from ref_cache, rows of (chosen, rejected)."""
+    input_ids, labels = (t.to(args.device) for t in dpo_batch([pairs[i] for i in rows]))
+    with ctx:
+        chosen, rejected = pair_logps(policy, input_ids, labels)
+        if ref_cache is not None:
+            ref_chosen, ref_rejected = ref_cache[rows].to(args.device).unbind(1)
+        else:
+            with torch.no_grad():  # the reference is a constant: no graph, no activations kept
+                ref_chosen, ref_rejected = pair_logps(reference, input_ids, labels)
+    return (chosen, rejected, ref_chosen, ref_rejected), input_ids.numel()
+
+
 @torch.no_grad()
 def reference_logps(reference, pairs, args, ctx):
     """(N, 2) reference log-probs of every pair (chosen, rejected), in micro-batches."""
@@ -159,15 +174,9 @@ def evaluate(policy, reference, pairs, ref_cache, args, ctx):
     total, n = {}, min(len(pairs), args.eval_batches * args.batch_size)
     for start in range(0, n, args.batch_size):
         rows = list(range(start, min(start + args.batch_size, n)))
-        input_ids, labels = (t.to(args.device) for t in dpo_batch([pairs[i] for i in rows]))
-        with ctx:
-            chosen, rejected = pair_logps(policy, input_ids, labels)
-            if ref_cache is not None:
-                ref_chosen, ref_rejected = ref_cache[rows].to(args.device).unbind(1)
-            else:
-                ref_chosen, ref_rejected = pair_logps(reference, input_ids, labels)
-        out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing)
-        add_metrics(total, dpo_metrics(*out, chosen, rejected))
+        logps, _ = policy_and_reference_logps(policy, reference, pairs, rows, ref_cache, args, ctx)
+        out = dpo_loss(*logps, args.beta, args.loss_type, args.label_smoothing)
+        add_metrics(total, dpo_metrics(*out, *logps[:2]))
     policy.train()
     return {key: value / n for key, value in total.items()}
 
@@ -236,20 +245,12 @@ def train(args):
             total, n_tokens = {}, 0
             for micro in range(args.grad_accum):
                 rows = batch_indices(len(train_pairs), args.batch_size, step * args.grad_accum + micro, args.seed)
-                input_ids, labels = (t.to(args.device) for t in dpo_batch([train_pairs[i] for i in rows]))
-                with ctx:
-                    chosen, rejected = pair_logps(policy, input_ids, labels)
-                    if train_ref is not None:
-                        ref_chosen, ref_rejected = train_ref[rows].to(args.device).unbind(1)
-                    else:
-                        with torch.no_grad():  # the reference is a constant: no graph, no activations kept
-                            ref_chosen, ref_rejected = pair_logps(reference, input_ids, labels)
-                out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type,
-                               args.label_smoothing)
+                logps, tokens = policy_and_reference_logps(policy, reference, train_pairs, rows, train_ref, args, ctx)
+                out = dpo_loss(*logps, args.beta, args.loss_type, args.label_smoothing)
                 # mean over the pairs of the effective batch: every micro-batch has batch_size pairs
                 scaler.scale(out[0].sum() / pairs_per_step).backward()
-                add_metrics(total, dpo_metrics(*out, chosen, rejected))
-                n_tokens += input_ids.numel()  # tokens through the policy, padding included
+                add_metrics(total, dpo_metrics(*out, *logps[:2]))
+                n_tokens += tokens
             metrics = {key: value / pairs_per_step for key, value in total.items()}
             if not torch.isfinite(torch.tensor(metrics["loss"])):
                 raise UserError(f"loss is {metrics['loss']} at step {step}; stopped, the last good checkpoint "

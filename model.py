@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 from dataclasses import asdict, dataclass
@@ -339,29 +340,25 @@ def hf_to_ours(hf_state, config):
     state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied, often not stored
     with torch.device("meta"):  # shapes only: nothing allocated, nothing initialized
         expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"weights do not match GPT-2 {config.n_layer} layers x {config.n_embd}: "
-                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            raise UserError(f"weight {key} has shape {tuple(state[key].shape)}, the model expects {shape}")
+    check_state(expected, state, f"weights for GPT-2 {config.n_layer} layers x {config.n_embd}")
     return state
 
 
-def load_state(model, state, where="checkpoint"):
-    """load_state_dict with a one-line error naming the first mismatching key and both shapes."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+def check_state(expected, state, where):
+    """One line naming missing or unexpected keys, or the first key whose shape differs (both shapes)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise UserError(f"{where} does not fit this model: missing keys {missing[:3]}, "
-                        f"unexpected keys {unexpected[:3]}")
-    for key, tensor in own.items():
-        if tensor.shape != state[key].shape:
-            raise UserError(f"{where} does not fit this model: {key} has shape {tuple(state[key].shape)} "
-                            f"there, {tuple(tensor.shape)} here")
+        raise UserError(f"{where} do not fit the model: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != tuple(shape):
+            raise UserError(f"{where} do not fit the model: {key} has shape {tuple(state[key].shape)} there, "
+                            f"{tuple(shape)} here")
+
+
+def load_state(model, state, where="checkpoint"):
+    """load_state_dict, after check_state has given any mismatch as one line."""
+    check_state({k: v.shape for k, v in model.state_dict().items()}, state, f"the weights in {where}")
     model.load_state_dict(state)
 
 
@@ -535,6 +532,9 @@ def training_arguments(description, defaults, demo_defaults):
         if args.lr <= 0 or args.warmup < 0 or args.eval_interval < 0:
             p.error("--lr must be positive, --warmup and --eval_interval not negative")
         args.lr_decay_iters = args.lr_decay_iters or args.max_iters
+        if args.compile and not torch.cuda.is_available() and not shutil.which(os.environ.get("CC", "cc")):
+            p.error("--compile on a CPU needs a C compiler (torch.compile writes C++ kernels): install gcc "
+                    "or drop --compile")
         return args
     p.parse = parse
     return p

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import dpo
-from conftest import TINY, make_hf_gpt2, read_log
+from conftest import make_hf_gpt2, read_log
 from data import dpo_batch, toy_pairs, tokenize_pairs
 from model import GPT, GPTConfig
 
