@@ -58,6 +58,8 @@ def load_preferences(source, split="train", verbose=True):
 
 def _read_records(source, split):
     """Raw records ({"chosen", "rejected"} and maybe "prompt") of one split, from the hub or disk."""
+    if os.path.exists(source) and split not in ("train", "test"):
+        raise UserError(f"split {split!r} of {source}: local data has only train and test")
     if os.path.isdir(source):
         present = {}  # split -> file, .jsonl.gz preferred
         for split_name in ("train", "test"):

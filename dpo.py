@@ -204,7 +204,7 @@ def train(args):
         reference = None
         print(f"reference log-probs of {len(train_pairs) + len(test_pairs)} pairs in {time.time() - t0:.1f}s")
 
-    optimizer = make_optimizer(policy, args.lr, 0.0, args.device, kind=args.optimizer)
+    optimizer = make_optimizer(policy, args.lr, args.weight_decay, args.device, kind=args.optimizer)
     scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")
     start = 0
     if args.resume:

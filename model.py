@@ -477,13 +477,14 @@ def make_optimizer(model, lr, weight_decay, device, kind="adamw", betas=(0.9, 0.
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
-def lr_at(step, lr, warmup, max_iters, decay=True):
-    """Learning rate at an optimizer step: 1) linear warmup, 2) cosine decay to lr/10, 3) constant after."""
+def lr_at(step, lr, warmup, decay_iters, decay=True):
+    """Learning rate at an optimizer step: 1) linear warmup over `warmup` steps; 2) without decay (DPO,
+    as in the paper) constant after that; 3) with decay (SFT) cosine down to lr/10 at decay_iters, then flat."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    if not decay or step >= max_iters:
-        return lr if not decay else lr / 10
-    progress = (step - warmup) / max(1, max_iters - warmup)
+    if not decay:
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, decay_iters - warmup))
     return lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - lr / 10)
 
 

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from data import EOS, dpo_batch, get_tokenizer, load_preferences, toy_reward, tokenize_pairs
+from data import EOS, collate, dpo_batch, example, get_tokenizer, load_preferences, toy_reward, tokenize_pairs
 from dpo import pair_logps, reward_accuracy
-from model import GPT, IGNORE_INDEX, UserError, pick_device, user_errors
+from model import GPT, UserError, pick_device, user_errors
 
 DEMO_MODELS = ["sft=out/demo/sft", "dpo=out/demo/dpo", "dpo-bad=out/demo/dpo-bad"]
 STOP_TEXT = "\n\nHuman:"  # the model starting the user's next turn: the reply is over
@@ -81,9 +81,8 @@ def read_prompts(args):
 
 def response_logp(model, prompt_ids, response_ids, device):
     """log pi(response | prompt), summed over the response tokens."""
-    ids = torch.tensor([prompt_ids + response_ids], device=device)
-    labels = torch.tensor([[IGNORE_INDEX] * (len(prompt_ids) - 1) + response_ids], device=device)
-    return model.token_logps(ids[:, :-1], labels).sum().item()
+    input_ids, labels = (t.to(device) for t in collate([example(prompt_ids, response_ids)]))
+    return model.token_logps(input_ids, labels).sum().item()
 
 
 @torch.no_grad()

@@ -132,3 +132,11 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(flags, message, capsys):
     assert code not in (0, None)
     assert message in shown and "Traceback" not in shown
     assert [line for line in shown.splitlines() if "error" in line] != []
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
+    from model import lr_at
+    assert [lr_at(s, 1.0, 4, 10) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # linear warmup
+    assert lr_at(4, 1.0, 4, 10) == 1.0 and lr_at(7, 1.0, 4, 10) == pytest.approx(0.55)  # cosine midpoint
+    assert lr_at(10, 1.0, 4, 10) == pytest.approx(0.1) and lr_at(50, 1.0, 4, 10) == pytest.approx(0.1)
+    assert lr_at(50, 1.0, 4, 10, decay=False) == 1.0  # DPO: constant after warmup, as in the paper
