@@ -121,14 +121,15 @@ def train(args):
                 len(train_examples), args.batch_size, step * args.grad_accum + m, args.seed)])
                 for m in range(args.grad_accum)]
             n_tokens = sum((labels != IGNORE_INDEX).sum().item() for _, labels in micro_batches)
-            loss_value, n_seen = 0.0, 0
+            loss_sum, n_seen = 0.0, 0
             for input_ids, labels in micro_batches:
                 input_ids, labels = input_ids.to(args.device), labels.to(args.device)
                 with ctx:
                     loss = sft_loss(model, input_ids, labels, n_tokens)
                 scaler.scale(loss).backward()
-                loss_value += loss.item()
+                loss_sum += loss.detach()  # stays on the device: no CPU-GPU sync per micro-batch
                 n_seen += input_ids.numel()
+            loss_value = float(loss_sum)
             if not torch.isfinite(torch.tensor(loss_value)):
                 raise UserError(f"loss is {loss_value} at step {step}; stopped, the last good checkpoint in "
                                 f"{args.out_dir} is kept. Try a lower --lr or --dtype bfloat16")
