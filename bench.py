@@ -23,6 +23,7 @@ import time
 import torch
 
 import dpo
+import sft
 from model import (GPT, GPT2_SIZES, IGNORE_INDEX, GPTConfig, UserError, autocast, make_optimizer, pick_device,
                    pick_dtype, setup_cuda, user_errors)
 
@@ -116,11 +117,7 @@ def run(args):
     peak = args.peak_tflops or peak_tflops(device, dtype)
     policy = GPT(config).to(device)
     optimizer = make_optimizer(policy, 1e-6, 0.0, device)
-    reference = None
-    if not args.precompute_ref:
-        reference = GPT(config).to(device).eval().requires_grad_(False)
-        if device.startswith("cuda") and dtype != "float32":
-            reference.to(getattr(torch, dtype))
+    reference = None if args.precompute_ref else dpo.freeze(GPT(config).to(device), device, dtype)
     if args.compile:
         policy.compile()
         if reference is not None:
@@ -141,7 +138,7 @@ def run(args):
 
     def sft_step():
         with ctx:
-            loss = -policy.token_logps(sft_ids, sft_labels).sum() / (sft_labels != IGNORE_INDEX).sum()
+            loss = sft.sft_loss(policy, sft_ids, sft_labels, (sft_labels != IGNORE_INDEX).sum())
         update(loss)
 
     def dpo_step():

@@ -18,6 +18,7 @@ import gzip
 import json
 import os
 import random
+import re
 
 import torch
 
@@ -205,8 +206,11 @@ def toy_pairs(split, n=None):
 def toy_reward(text):
     """The oracle: +1 for a purely polite reply, -1 for a purely rude one, the balance in between."""
     text = text.lower()
-    polite = sum(text.count(w.lower()) for group in TOY_POLITE for w in group)
-    rude = sum(text.count(w.lower()) for group in TOY_RUDE for w in group)
+
+    def count(phrase):  # whole words only: "no" must not match inside "know"
+        return len(re.findall(r"\b" + re.escape(phrase.lower()) + r"\b", text))
+    polite = sum(count(w) for group in TOY_POLITE for w in group)
+    rude = sum(count(w) for group in TOY_RUDE for w in group)
     return (polite - rude) / (polite + rude) if polite + rude else 0.0
 
 
@@ -322,8 +326,9 @@ def main(argv=None):
     parser.add_argument("--data", default="toy", help="hub name, local directory, .jsonl/.json file, or toy")
     parser.add_argument("--split", default="train")
     parser.add_argument("--max_len", type=int, default=512)
-    parser.add_argument("--max_prompt_len", type=int, default=256)
+    parser.add_argument("--max_prompt_len", type=int, help="default: max_len / 2, as in training")
     args = parser.parse_args(argv)
+    args.max_prompt_len = args.max_prompt_len or args.max_len // 2
     if not args.inspect:
         parser.error("nothing to do: pass --inspect")
     with user_errors():

@@ -17,6 +17,7 @@ No reward model, no sampling, no RL: two forward passes (policy and reference) p
     python dpo.py --demo --beta 0.1               # the toy task on a CPU, from out/demo/sft
     python dpo.py --demo --beta 0.1 --swap        # the "bad" model: rejected responses as preferred
 """
+import copy
 import os
 import time
 
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from data import batch_indices, dpo_batch, load_preferences, tokenize_pairs
-from model import (GPT2_SIZES, CtrlC, RunLog, UserError, autocast, load_checkpoint, load_model,
-                   load_state, lr_at, make_optimizer, pick_device, pick_dtype, restore_rng, save_checkpoint,
+from model import (GPT2_SIZES, CtrlC, RunLog, UserError, autocast, load_model,
+                   lr_at, make_optimizer, pick_device, pick_dtype, resume, save_checkpoint,
                    setup_cuda, training_arguments, user_errors)
 
 # The paper's settings (sec. 6 and app. B): beta 0.1, batch 64, RMSprop at lr 1e-6 with 150 warmup steps;
@@ -56,6 +57,8 @@ def parse_args(argv=None):
         parser.error(f"--beta must be positive, got {args.beta}")
     if not 0 <= args.label_smoothing < 0.5:
         parser.error(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.label_smoothing and args.loss_type == "ipo":
+        parser.error("--label_smoothing applies to the sigmoid loss only, not to --loss_type ipo")
     if args.out_dir is None:
         stem = "out/demo/dpo" if args.demo else "out/dpo"
         args.out_dir = stem + ("-bad" if args.swap else "")
@@ -109,22 +112,30 @@ def pair_logps(model, input_ids, labels):
 # The loop
 
 def load_models(args):
-    """The policy to train and the frozen reference (None with --precompute_ref, once used)."""
+    """The policy to train and its frozen reference."""
     for name in {args.init, args.ref}:
         if name not in GPT2_SIZES and name != "scratch" and not os.path.exists(name):
             raise UserError(f"no model at {name}: run `python sft.py{' --demo' if args.demo else ''}` first, "
                             "or pass --init gpt2 (and --ref) to start from the pretrained model")
     policy = load_model(args.init, args, args.device)
-    reference = load_model(args.ref, args, args.device)
+    # the usual case, ref = init: a copy, not a second load (and for --init scratch, the same random model)
+    reference = copy.deepcopy(policy) if args.ref == args.init else load_model(args.ref, args, args.device)
     a, b = policy.config, reference.config
     if (a.n_layer, a.n_head, a.n_embd, a.vocab_size) != (b.n_layer, b.n_head, b.n_embd, b.vocab_size):
         raise UserError(f"--init {args.init} ({a.n_layer} layers x {a.n_embd}) and --ref {args.ref} "
                         f"({b.n_layer} layers x {b.n_embd}) differ in shape; DPO starts the policy at the reference")
-    # frozen: no gradients, no dropout; on GPU it can run entirely in bf16 (no fp32 master weights needed)
+    return policy, freeze(reference, args.device, args.dtype)
+
+
+def freeze(reference, device, dtype):
+    """No gradients, no dropout. On a GPU its weights are cast to the training dtype (bf16 or fp16):
+    it is never updated, so it needs no fp32 master copy, and that halves its memory and traffic. The
+    price: its log-probs differ from the fp32 policy's by rounding, so at step 0 on a GPU the rewards
+    are close to 0 rather than exactly 0."""
     reference.eval().requires_grad_(False)
-    if args.device.startswith("cuda") and args.dtype != "float32":
-        reference.to(getattr(torch, args.dtype))
-    return policy, reference
+    if device.startswith("cuda") and dtype != "float32":
+        reference.to(getattr(torch, dtype))
+    return reference
 
 
 def policy_and_reference_logps(policy, reference, pairs, rows, ref_cache, args, ctx):
@@ -211,21 +222,12 @@ def train(args):
 
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, args.device, kind=args.optimizer)
     scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")
-    start = 0
-    if args.resume:
-        checkpoint = load_checkpoint(f"{args.out_dir}/ckpt.pt")
-        load_state(policy, checkpoint["model"], where=f"{args.out_dir}/ckpt.pt")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"] is not None:
-            scaler.load_state_dict(checkpoint["scaler"])
-        start = checkpoint["iter"]
-        restore_rng(checkpoint)
-        print(f"resuming from step {start}")
+    start = resume(args.out_dir, policy, optimizer, scaler) if args.resume else 0
     if args.compile:
         policy.compile()
         if reference is not None:
             reference.compile()
-    log = RunLog(args.out_dir, args.resume)
+    log = RunLog(args.out_dir, start)
     pairs_per_step = args.batch_size * args.grad_accum
     print(f"{policy.num_params() / 1e6:.1f}M parameters, {args.device}, {args.dtype}; beta {args.beta}, "
           f"{args.loss_type} loss; effective batch {args.batch_size} x {args.grad_accum} = {pairs_per_step} pairs")
@@ -238,12 +240,12 @@ def train(args):
 
     with CtrlC() as ctrl_c:
         for step in range(start, args.max_iters):
-            if args.eval_interval and step % args.eval_interval == 0 and not (args.resume and step == start):
+            if args.eval_interval and step % args.eval_interval == 0 and not (start and step == start):
                 log_eval(step)
                 if step > start:
                     save(step)
 
-            lr = lr_at(step, args.lr, args.warmup, args.lr_decay_iters, decay=False)
+            lr = lr_at(step, args.lr, args.warmup, args.max_iters, decay=False)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.time()

@@ -210,7 +210,7 @@ class GPT(nn.Module):
         past = 0 if kv_cache is None or kv_cache[0] is None else kv_cache[0][0].size(2)
         if past + T > self.config.block_size:
             raise UserError(f"sequence of {past + T} tokens is longer than the model's block_size "
-                            f"{self.config.block_size}; lower --max_len")
+                            f"{self.config.block_size}; use shorter sequences")
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
@@ -401,19 +401,18 @@ def _atomic_write(path, write):
             os.remove(tmp)
 
 
-def save_checkpoint(out_dir, model, optimizer, scaler, iteration, args, extra=None):
-    """OUT_DIR/ckpt.pt of plain types only, so torch.load(..., weights_only=True) reads it."""
-    raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+def save_checkpoint(out_dir, model, optimizer, scaler, iteration, args):
+    """OUT_DIR/ckpt.pt of plain types only, so torch.load(..., weights_only=True) reads it. Scripts
+    compile in place (model.compile()), so the state_dict keys are the plain model's."""
     checkpoint = {
-        "model": raw.state_dict(),
-        "config": asdict(raw.config),
+        "model": model.state_dict(),
+        "config": asdict(model.config),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "iter": iteration,
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        **(extra or {}),
     }
     os.makedirs(out_dir, exist_ok=True)
     _atomic_write(os.path.join(out_dir, "ckpt.pt"), lambda path: torch.save(checkpoint, path))
@@ -428,10 +427,23 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
-def restore_rng(checkpoint):
-    torch.set_rng_state(checkpoint["rng"]["cpu"])
+def resume(out_dir, model, optimizer, scaler):
+    """Load OUT_DIR/ckpt.pt into model, optimizer and scaler, restore the RNGs; the step to go on from."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    checkpoint = load_checkpoint(path)
+    load_state(model, checkpoint["model"], where=path)
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise UserError(f"the optimizer state in {path} does not fit this run's optimizer ({e}); resume "
+                        "with the flags of the run that wrote it") from None
+    if checkpoint["scaler"] is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+    torch.set_rng_state(checkpoint["rng"]["cpu"])  # dropout masks continue as in a straight run
     if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    print(f"resuming from step {checkpoint['iter']}")
+    return checkpoint["iter"]
 
 
 def pick_device(device):
@@ -447,7 +459,8 @@ def pick_dtype(dtype, device):
     if dtype == "auto":
         if not device.startswith("cuda"):
             return "float32"
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        # emulated bf16 (pre-Ampere GPUs) is slow: those get fp16 and a GradScaler
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype {dtype} is not one of auto, float32, bfloat16, float16")
     return dtype
@@ -508,7 +521,6 @@ def training_arguments(description, defaults, demo_defaults):
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--warmup", type=int, help="optimizer steps of linear warmup")
     p.add_argument("--max_iters", type=int, help="optimizer steps in the whole run (a resumed run included)")
-    p.add_argument("--lr_decay_iters", type=int, default=None, help="cosine decay ends here (default: max_iters)")
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--eval_interval", type=int, help="evaluate and save every N steps (0: only at the end)")
@@ -527,12 +539,13 @@ def training_arguments(description, defaults, demo_defaults):
             p.set_defaults(**demo_defaults)
         args = p.parse_args(argv)
         args.max_prompt_len = args.max_prompt_len or args.max_len // 2
-        for name in ("batch_size", "grad_accum", "max_len", "max_prompt_len", "max_iters"):
+        for name in ("batch_size", "grad_accum", "max_len", "max_prompt_len", "max_iters", "eval_batches"):
             if getattr(args, name) < 1:
                 p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
         if args.lr <= 0 or args.warmup < 0 or args.eval_interval < 0:
             p.error("--lr must be positive, --warmup and --eval_interval not negative")
-        args.lr_decay_iters = args.lr_decay_iters or args.max_iters
+        if args.init == "scratch" and args.n_embd % args.n_head:
+            p.error(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head}")
         if args.compile and not torch.cuda.is_available() and not shutil.which(os.environ.get("CC", "cc")):
             p.error("--compile on a CPU needs a C compiler (torch.compile writes C++ kernels): install gcc "
                     "or drop --compile")
@@ -560,13 +573,19 @@ def load_model(init, args, device):
 
 
 class RunLog:
-    """One JSON object a line in OUT_DIR/log.jsonl (appended to on --resume), and a console line."""
+    """One JSON object a line in OUT_DIR/log.jsonl, and a console line. A run resumed from step
+    `start` keeps the records up to that step: those after it (logged before a crash, but not in the
+    checkpoint) are about to be done again."""
 
-    def __init__(self, out_dir, resume):
+    def __init__(self, out_dir, start=0):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "log.jsonl")
-        if not resume and os.path.exists(self.path):
-            os.remove(self.path)
+        kept = []
+        if start and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["iter"] <= start]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
 
     def __call__(self, record):
         with open(self.path, "a") as f:

@@ -9,7 +9,7 @@ completions come from the weights alone. For each model it reports:
 - held-out preference accuracy of the implicit reward beta log(pi / pi_ref) on --data's test split;
 - on the toy task, the oracle reward (data.toy_reward) of the samples.
 
-    python sample.py --model sft=out/sft --model dpo=out/dpo --prompt "\\n\\nHuman: Hi!\\n\\nAssistant:"
+    python sample.py --model sft=out/sft --model dpo=out/dpo --prompt $'\\n\\nHuman: Hi!\\n\\nAssistant:'
     python sample.py --demo      # sft, dpo and dpo-bad of the offline demo -> results/demo.md, demo.json
 """
 import argparse
@@ -35,14 +35,13 @@ def parse_args(argv=None):
                    help="a checkpoint directory, Hugging Face directory or GPT-2 name; repeat for more")
     p.add_argument("--ref", help="reference model for KL and accuracy (default: the first --model)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for more")
-    p.add_argument("--prompts_file", help="a text file of prompts separated by blank-line-free '---' lines")
+    p.add_argument("--prompts_file", help="a text file of prompts, separated by lines that are exactly ---")
     p.add_argument("--data", help="take prompts from this source's test split; also gives the accuracy")
-    p.add_argument("--num_prompts", type=int, default=8)
-    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--num_prompts", type=int, help="prompts taken from --data (default 8; 64 with --demo)")
+    p.add_argument("--max_new_tokens", type=int, help="default 128; 40 with --demo")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--beta", type=float, default=0.1, help="only scales the reported rewards")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto")
     p.add_argument("--name", help="results/NAME.md and results/NAME.json (default: a timestamp)")
@@ -52,14 +51,21 @@ def parse_args(argv=None):
     if args.demo:
         args.model = args.model or DEMO_MODELS
         args.data = args.data or "toy"
-        args.num_prompts = 64 if args.num_prompts == p.get_default("num_prompts") else args.num_prompts
-        args.max_new_tokens = min(args.max_new_tokens, 40)
+        args.num_prompts = args.num_prompts or 64
+        args.max_new_tokens = args.max_new_tokens or 40
         args.device = "cpu" if args.device == "auto" else args.device
         args.name = args.name or "demo"
+    args.num_prompts = args.num_prompts or 8
+    args.max_new_tokens = args.max_new_tokens or 128
     if not args.model:
         p.error("give at least one --model (or --demo)")
     if args.temperature < 0 or args.num_prompts < 1 or args.max_new_tokens < 1:
         p.error("--temperature must be >= 0, --num_prompts and --max_new_tokens at least 1")
+    if args.top_k is not None and args.top_k < 1 or args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error("--top_k must be at least 1 and --top_p in (0, 1]")
+    labels = [spec.split("=", 1)[0] if "=" in spec else spec.rstrip("/").split("/")[-1] for spec in args.model]
+    if len(set(labels)) < len(labels):
+        p.error(f"two models share a label ({', '.join(labels)}); name them as LABEL=MODEL")
     args.name = args.name or time.strftime("compare-%Y%m%d-%H%M%S")
     return args
 
@@ -122,7 +128,9 @@ def compare(args):
     for label, model in models.items():
         lengths, kls, rewards = [], [], []
         for i, prompt in enumerate(prompts):
-            prompt_ids = tokenizer.encode_ordinary(prompt)[-(model.config.block_size - args.max_new_tokens):]
+            # keep the prompt's end, and room for at least one new token (EOS stands in for an empty prompt)
+            room = max(1, model.config.block_size - args.max_new_tokens)
+            prompt_ids = (tokenizer.encode_ordinary(prompt) or [EOS])[-room:]
             generator = torch.Generator(device=device).manual_seed(args.seed + i)  # same seed per prompt
             out = model.generate(torch.tensor([prompt_ids], device=device), args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

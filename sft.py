@@ -15,8 +15,8 @@ import time
 import torch
 
 from data import batch_indices, collate, load_preferences, sft_examples, tokenize_pairs
-from model import (IGNORE_INDEX, CtrlC, RunLog, UserError, autocast, load_checkpoint, load_model, load_state,
-                   lr_at, make_optimizer, pick_device, pick_dtype, restore_rng, save_checkpoint, setup_cuda,
+from model import (IGNORE_INDEX, CtrlC, RunLog, UserError, autocast, load_model,
+                   lr_at, make_optimizer, pick_device, pick_dtype, resume, save_checkpoint, setup_cuda,
                    training_arguments, user_errors)
 
 # Defaults for GPT-2 small on HH-RLHF on one GPU: 64 examples a step, about 0.6 epochs of HH's 160k
@@ -35,7 +35,11 @@ def parse_args(argv=None):
     parser.add_argument("--target", choices=["chosen", "rejected", "both"],
                         help="responses to imitate: chosen (pi_ref for DPO), rejected (a bad reference), or "
                         "both (the demo: an SFT model that shows both behaviours, so DPO has a choice to make)")
-    return parser.parse(argv)
+    parser.add_argument("--lr_decay_iters", type=int, help="the cosine decay ends here (default: max_iters); "
+                        "set it to run part of a schedule now and --resume the rest later")
+    args = parser.parse(argv)
+    args.lr_decay_iters = args.lr_decay_iters or args.max_iters
+    return args
 
 
 def sft_loss(model, input_ids, labels, n_tokens):
@@ -75,20 +79,11 @@ def train(args):
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.device)
     # fp16 overflows without loss scaling; bf16 has fp32's exponent range and needs none
     scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")
-    start = 0
-    if args.resume:
-        checkpoint = load_checkpoint(f"{args.out_dir}/ckpt.pt")
-        load_state(model, checkpoint["model"], where=f"{args.out_dir}/ckpt.pt")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"] is not None:
-            scaler.load_state_dict(checkpoint["scaler"])
-        start = checkpoint["iter"]
-        restore_rng(checkpoint)  # dropout masks continue as in a straight run
-        print(f"resuming from step {start}")
+    start = resume(args.out_dir, model, optimizer, scaler) if args.resume else 0
     if args.compile:
         model.compile()  # in place: state_dict keys stay the same
     ctx = autocast(args.device, args.dtype)
-    log = RunLog(args.out_dir, args.resume)
+    log = RunLog(args.out_dir, start)
 
     mean_tokens = sum((torch.tensor(labels) != IGNORE_INDEX).sum().item() for _, labels in train_examples[:1000])
     mean_tokens /= min(len(train_examples), 1000)
@@ -101,7 +96,7 @@ def train(args):
 
     with CtrlC() as ctrl_c:
         for step in range(start, args.max_iters):
-            if args.eval_interval and step % args.eval_interval == 0 and not (args.resume and step == start):
+            if args.eval_interval and step % args.eval_interval == 0 and not (start and step == start):
                 loss = evaluate(model, test_examples, args, ctx)
                 log({"iter": step, "split": "test", "loss": loss, "ppl": float(torch.tensor(loss).exp())})
                 if step > start:

@@ -420,3 +420,8 @@ def test_cli_without_inspect_is_a_usage_error(capsys):
         data.main(["--data", "toy"])
     assert exit_info.value.code == 2
     assert "nothing to do: pass --inspect" in capsys.readouterr().err
+
+
+def test_toy_reward_counts_whole_words_only():
+    assert data.toy_reward("I know nothing about it.") == 0.0  # "no" inside "know" and "nothing" is not rude
+    assert data.toy_reward("No. Go away!") == -1.0 and data.toy_reward("Sure, good luck!") == 1.0

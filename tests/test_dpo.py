@@ -163,3 +163,15 @@ def test_init_and_ref_of_different_shapes_are_refused(tmp_path, capsys, toy_mode
     with pytest.raises(SystemExit) as exit_info:
         dpo.main(["--demo", "--init", toy_models["sft"], "--ref", str(other), "--max_iters", "1"])
     assert "differ in shape" in str(exit_info.value.code)
+
+
+def test_from_scratch_the_reference_is_the_same_random_model(tmp_path):
+    dpo.main(["--demo", "--init", "scratch", "--max_iters", "1", "--eval_interval", "1", "--eval_batches", "1",
+              "--batch_size", "4", "--out_dir", str(tmp_path), "--n_layer", "1", "--n_head", "2", "--n_embd", "32"])
+    assert read_log(tmp_path, "test")[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+
+
+def test_ipo_with_label_smoothing_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        dpo.main(["--demo", "--loss_type", "ipo", "--label_smoothing", "0.1"])
+    assert "applies to the sigmoid loss only" in capsys.readouterr().err

@@ -44,3 +44,21 @@ def test_no_prompts_is_one_clear_line(toy_models, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sample.main(["--model", toy_models["sft"], "--device", "cpu"])
     assert "no prompts" in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "a/dpo", "--model", "b/dpo"], "share a label"),
+    (["--model", "x", "--top_k", "0"], "--top_k must be at least 1"),
+    (["--model", "x", "--top_p", "0"], "--top_p in (0, 1]"),
+])
+def test_bad_sampling_flags(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        sample.main(flags + ["--prompt", "hi"])
+    assert message in capsys.readouterr().err
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end(toy_models, tmp_path):
+    sample.main(["--model", toy_models["sft"], "--prompt", "word " * 500, "--prompt", "", "--max_new_tokens", "200",
+                 "--device", "cpu", "--results_dir", str(tmp_path), "--name", "long"])
+    rows = json.loads((tmp_path / "long.json").read_text())["samples"]["sft"]
+    assert len(rows) == 2 and all(r["tokens"] >= 1 for r in rows)

@@ -140,3 +140,22 @@ def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
     assert lr_at(4, 1.0, 4, 10) == 1.0 and lr_at(7, 1.0, 4, 10) == pytest.approx(0.55)  # cosine midpoint
     assert lr_at(10, 1.0, 4, 10) == pytest.approx(0.1) and lr_at(50, 1.0, 4, 10) == pytest.approx(0.1)
     assert lr_at(50, 1.0, 4, 10, decay=False) == 1.0  # DPO: constant after warmup, as in the paper
+
+
+def test_a_resumed_log_drops_the_records_after_the_checkpoint(tmp_path):
+    from model import RunLog
+    log = RunLog(tmp_path)
+    for step in range(1, 6):
+        log({"iter": step, "split": "train", "loss": 1.0})
+    RunLog(tmp_path, start=3)  # steps 4 and 5 happened after the checkpoint: they will be done again
+    assert [r["iter"] for r in read_log(tmp_path, "train")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval_batches", "0"], "--eval_batches must be at least 1"),
+    (["--init", "scratch", "--n_embd", "30", "--n_head", "4"], "must be a multiple of --n_head"),
+])
+def test_more_bad_flags(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sft.main(["--demo", "--max_iters", "1", "--device", "cpu"] + flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
