@@ -111,12 +111,16 @@ def pair_logps(model, input_ids, labels):
 # ----------------------------------------------------------------------------------------------------
 # The loop
 
-def load_models(args):
-    """The policy to train and its frozen reference."""
+def require_models(args):
+    """Fail in one line before any data is loaded if --init or --ref names nothing."""
     for name in {args.init, args.ref}:
         if name not in GPT2_SIZES and name != "scratch" and not os.path.exists(name):
             raise UserError(f"no model at {name}: run `python sft.py{' --demo' if args.demo else ''}` first, "
                             "or pass --init gpt2 (and --ref) to start from the pretrained model")
+
+
+def load_models(args):
+    """The policy to train and its frozen reference."""
     policy = load_model(args.init, args, args.device)
     # the usual case, ref = init: a copy, not a second load (and for --init scratch, the same random model)
     reference = copy.deepcopy(policy) if args.ref == args.init else load_model(args.ref, args, args.device)
@@ -204,6 +208,7 @@ def train(args):
     if args.device.startswith("cuda"):
         setup_cuda()
 
+    require_models(args)
     train_pairs = tokenize_pairs(load_preferences(args.data, "train"), args.max_len, args.max_prompt_len)
     test_pairs = tokenize_pairs(load_preferences(args.data, "test"), args.max_len, args.max_prompt_len)
     if args.swap:  # the "bad" model: learn to prefer what the annotators rejected
