@@ -289,6 +289,40 @@ def dpo_batch(tokenized):
                    [example(t["prompt"], t["rejected"]) for t in tokenized])
 
 
+def packed_dpo_batch(tokenized):
+    """Each pair as ONE row that holds its prompt once: prompt, chosen, rejected. dpo_batch runs every
+    prompt twice, and prompts are often longer than responses (on HH pairs under 256 tokens, 76 tokens
+    against 34 and 41), so this sends far fewer tokens through the blocks.
+
+    Returns input_ids, labels (2, B, W): the chosen plane then the rejected plane, positions and
+    segments (B, W). Each response continues the prompt's positions, and GPT.forward lets a token see
+    the prompt (segment 0) and its own response (1 chosen, 2 rejected), never the other response, so
+    every log-prob equals dpo_batch's. The prompt's last token predicts the first token of both
+    responses: it carries a label in both planes."""
+    rows = []
+    for t in tokenized:
+        prompt, chosen, rejected = t["prompt"], t["chosen"], t["rejected"]
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        ids = prompt + chosen[:-1] + rejected[:-1]
+        positions = list(range(p + c - 1)) + list(range(p, p + r - 1))
+        segments = [0] * p + [1] * (c - 1) + [2] * (r - 1)
+        chosen_labels = [IGNORE_INDEX] * (p - 1) + chosen + [IGNORE_INDEX] * (r - 1)
+        rejected_labels = [IGNORE_INDEX] * (p - 1) + rejected[:1] + [IGNORE_INDEX] * (c - 1) + rejected[1:]
+        rows.append((ids, chosen_labels, rejected_labels, positions, segments))
+    width = max(len(row[0]) for row in rows)
+    input_ids = torch.full((len(rows), width), EOS, dtype=torch.long)
+    labels = torch.full((2, len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = torch.full((len(rows), width), 3, dtype=torch.long)  # padding: a segment of its own
+    for b, (ids, chosen_labels, rejected_labels, pos, seg) in enumerate(rows):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        labels[0, b, :len(ids)] = torch.tensor(chosen_labels)
+        labels[1, b, :len(ids)] = torch.tensor(rejected_labels)
+        positions[b, :len(ids)] = torch.tensor(pos)
+        segments[b, :len(ids)] = torch.tensor(seg)
+    return input_ids, labels, positions, segments
+
+
 def batch_indices(n, batch_size, step, seed):
     """Indices of micro-batch number `step`: a fresh shuffle each epoch, fixed by (seed, epoch).
 

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from data import batch_indices, dpo_batch, load_preferences, tokenize_pairs
+from data import batch_indices, dpo_batch, load_preferences, packed_dpo_batch, tokenize_pairs
 from model import (GPT2_SIZES, CtrlC, RunLog, UserError, autocast, load_model,
                    lr_at, make_optimizer, pick_device, pick_dtype, resume, save_checkpoint,
                    setup_cuda, training_arguments, user_errors)
@@ -50,6 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--optimizer", choices=["rmsprop", "adamw"])
     parser.add_argument("--precompute_ref", action="store_true",
                         help="compute the reference log-probs once before training; keeps one model in memory")
+    parser.add_argument("--share_prompt", action="store_true", help="run each pair as one row, its prompt "
+                        "once (data.packed_dpo_batch): same log-probs, fewer tokens")
     parser.add_argument("--swap", action="store_true", help="train on rejected responses as if preferred "
                         "(the 'bad' model); evaluation still uses the true preferences")
     args = parser.parse(argv)
@@ -94,18 +96,18 @@ def reward_accuracy(chosen_rewards, rejected_rewards):
     return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).mean()
 
 
-def sequence_logps(model, input_ids, labels):
+def sequence_logps(model, input_ids, labels, positions=None, segments=None):
     """log pi(y|x): the sum of the response tokens' log-probs, in fp32, for each row (the paper's
     quantity). Averaging over tokens instead (as some libraries do) changes the objective: it stops
     penalizing a policy for the length of what it says, and beta then means something else."""
-    return model.token_logps(input_ids, labels).sum(dim=-1)
+    return model.token_logps(input_ids, labels, positions, segments).sum(dim=-1)
 
 
-def pair_logps(model, input_ids, labels):
-    """(chosen, rejected) log-probs from ONE forward pass over the 2B rows that dpo_batch stacked."""
-    logps = sequence_logps(model, input_ids, labels)
-    half = input_ids.size(0) // 2
-    return logps[:half], logps[half:]
+def pair_logps(model, input_ids, labels, positions=None, segments=None):
+    """(chosen, rejected) log-probs from ONE forward pass: over the 2B rows dpo_batch stacked (chosen
+    rows first), or over the B rows of packed_dpo_batch (labels (2, B, W): chosen plane first)."""
+    logps = sequence_logps(model, input_ids, labels, positions, segments).view(2, -1)  # (2, B)
+    return logps[0], logps[1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,15 +148,16 @@ def policy_and_reference_logps(policy, reference, pairs, rows, ref_cache, args, 
     """(policy chosen, policy rejected, reference chosen, reference rejected) log-probs of pairs[rows],
     and the number of tokens the policy processed (padding included). With --precompute_ref the
     reference's come from ref_cache, rows of (chosen, rejected)."""
-    input_ids, labels = (t.to(args.device) for t in dpo_batch([pairs[i] for i in rows]))
+    make_batch = packed_dpo_batch if args.share_prompt else dpo_batch
+    batch = [t.to(args.device) for t in make_batch([pairs[i] for i in rows])]
     with ctx:
-        chosen, rejected = pair_logps(policy, input_ids, labels)
+        chosen, rejected = pair_logps(policy, *batch)
         if ref_cache is not None:
             ref_chosen, ref_rejected = ref_cache[rows].to(args.device).unbind(1)
         else:
             with torch.no_grad():  # the reference is a constant: no graph, no activations kept
-                ref_chosen, ref_rejected = pair_logps(reference, input_ids, labels)
-    return (chosen, rejected, ref_chosen, ref_rejected), input_ids.numel()
+                ref_chosen, ref_rejected = pair_logps(reference, *batch)
+    return (chosen, rejected, ref_chosen, ref_rejected), batch[0].numel()
 
 
 @torch.no_grad()

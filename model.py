@@ -71,7 +71,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None, layer=0):
+    def forward(self, x, kv_cache=None, layer=0, attn_mask=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -86,7 +86,9 @@ class CausalSelfAttention(nn.Module):
                 v = torch.cat([kv_cache[layer][1], v], dim=2)
             kv_cache[layer] = (k, v)
         dropout = self.dropout if self.training else 0.0
-        if past == 0:
+        if attn_mask is not None:  # packed rows (data.packed_dpo_batch): who sees whom is given
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        elif past == 0:
             # the causal mask as one flag: SDPA then picks flash / memory-efficient kernels where it can
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
@@ -118,8 +120,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)  # pre-norm residual blocks (GPT-2, sec. 2.3)
+    def forward(self, x, kv_cache=None, layer=0, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, attn_mask)  # pre-norm residual blocks (GPT-2, sec. 2.3)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -204,21 +206,30 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied head is counted once
 
-    def forward(self, idx, kv_cache=None, hidden_only=False):
-        """Logits for every position, (B, T, vocab_size); the final hidden states with hidden_only."""
+    def forward(self, idx, kv_cache=None, hidden_only=False, positions=None, segments=None):
+        """Logits for every position, (B, T, vocab_size); the final hidden states with hidden_only.
+
+        positions and segments (B, T) describe packed rows (data.packed_dpo_batch): token q attends to
+        token k <= q when k is in segment 0 (the shared prompt) or in q's own segment."""
         B, T = idx.size()
         past = 0 if kv_cache is None or kv_cache[0] is None else kv_cache[0][0].size(2)
-        if past + T > self.config.block_size:
-            raise UserError(f"sequence of {past + T} tokens is longer than the model's block_size "
-                            f"{self.config.block_size}; use shorter sequences")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        if positions is None:
+            positions = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        attn_mask = None
+        if segments is not None:
+            query, key = segments[:, :, None], segments[:, None, :]  # (B, T, 1), (B, 1, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            attn_mask = (causal & ((key == 0) | (key == query)))[:, None]  # (B, 1, T, T): one for all heads
+        if int(positions.max()) >= self.config.block_size:
+            raise UserError(f"sequence of {int(positions.max()) + 1} tokens is longer than the model's "
+                            f"block_size {self.config.block_size}; use shorter sequences")
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, layer)
+            x = block(x, kv_cache, layer, attn_mask)
         x = self.transformer.ln_f(x)  # (B, T, C)
         return x if hidden_only else self.lm_head(x)  # (B, T, vocab_size)
 
-    def token_logps(self, idx, labels):
+    def token_logps(self, idx, labels, positions=None, segments=None):
         """log p(labels[b, t] | idx[b, :t+1]) where a label exists, 0 elsewhere: (B, T), float32.
 
         Labels are already shifted (data.py: labels[t] is the token after idx[t]) and IGNORE_INDEX on
@@ -227,11 +238,12 @@ class GPT(nn.Module):
           FLOPs per token, and prompts are often longer than responses;
         - the (rows, vocab) logits never exist whole: LabelLogProbs works through them in chunks.
         """
-        hidden = self(idx, hidden_only=True)  # (B, T, C)
-        mask = labels != IGNORE_INDEX         # (B, T)
+        hidden = self(idx, hidden_only=True, positions=positions, segments=segments)  # (B, T, C)
+        mask = labels != IGNORE_INDEX  # (B, T), or (2, B, T) for packed rows: one label plane per response
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        picked = LabelLogProbs.apply(hidden[mask], self.lm_head.weight, labels[mask], dtype)  # (N,)
+        rows = hidden.expand(*labels.shape, hidden.size(-1))[mask]  # (N, C); a position may serve two planes
+        picked = LabelLogProbs.apply(rows, self.lm_head.weight, labels[mask], dtype)  # (N,)
         return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
 
     @torch.no_grad()

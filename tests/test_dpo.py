@@ -1,14 +1,15 @@
 """dpo.py: the objective checked against its maths, the batching against separate passes, and the loop
 on the toy task (the good model learns the preference, the swapped one learns its opposite)."""
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dpo
-from conftest import make_hf_gpt2, read_log
-from data import dpo_batch, toy_pairs, tokenize_pairs
+from conftest import HH_TEST, make_hf_gpt2, needs_hh, read_log
+from data import dpo_batch, load_preferences, packed_dpo_batch, toy_pairs, tokenize_pairs
 from model import GPT, GPTConfig
 
 
@@ -175,3 +176,34 @@ def test_ipo_with_label_smoothing_is_refused(capsys):
     with pytest.raises(SystemExit):
         dpo.main(["--demo", "--loss_type", "ipo", "--label_smoothing", "0.1"])
     assert "applies to the sigmoid loss only" in capsys.readouterr().err
+
+
+@needs_hh
+def test_packed_rows_give_the_same_log_probs_and_gradients_as_stacked_rows():
+    """--share_prompt: each prompt runs once, yet every log-prob and gradient is dpo_batch's."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=512, vocab_size=50257, n_layer=2, n_head=2, n_embd=16)).double()
+    pairs = tokenize_pairs(load_preferences(os.path.dirname(HH_TEST), "test", verbose=False), 300, 150,
+                           verbose=False)[:6]
+    stacked, packed = dpo_batch(pairs), packed_dpo_batch(pairs)
+    assert packed[0].numel() < 0.75 * stacked[0].numel()  # the point: far fewer tokens
+    chosen, rejected = dpo.pair_logps(model, *stacked)
+    packed_chosen, packed_rejected = dpo.pair_logps(model, *packed)
+    torch.testing.assert_close(packed_chosen, chosen, atol=1e-10, rtol=0)
+    torch.testing.assert_close(packed_rejected, rejected, atol=1e-10, rtol=0)
+    grads = torch.autograd.grad(chosen.sum() - 2 * rejected.sum(), list(model.parameters()))
+    packed_grads = torch.autograd.grad(packed_chosen.sum() - 2 * packed_rejected.sum(), list(model.parameters()))
+    for a, b in zip(grads, packed_grads):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-8)
+
+
+def test_share_prompt_trains_like_the_stacked_batch(tmp_path):
+    runs = {}
+    for name, extra in (("stacked", []), ("packed", ["--share_prompt"])):
+        dpo.main(["--demo", "--init", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+                  "--max_iters", "3", "--batch_size", "4", "--lr", "1e-3", "--eval_interval", "0",
+                  "--eval_batches", "1", "--out_dir", str(tmp_path / name)] + extra)
+        runs[name] = read_log(tmp_path / name, "train")
+    for stacked, packed in zip(runs["stacked"], runs["packed"]):
+        assert packed["loss"] == pytest.approx(stacked["loss"], abs=1e-5)
+        assert packed["tokens_per_s"] > 0
