@@ -18,6 +18,7 @@ No reward model, no sampling, no RL: two forward passes (policy and reference) p
     python dpo.py --demo --beta 0.1 --swap        # the "bad" model: rejected responses as preferred
 """
 import copy
+import math
 import os
 import time
 
@@ -144,12 +145,16 @@ def freeze(reference, device, dtype):
     return reference
 
 
+def make_batch(pairs, rows, args):
+    """The micro-batch of pairs[rows] on the device: stacked 2B rows, or packed rows with --share_prompt."""
+    return [t.to(args.device) for t in (packed_dpo_batch if args.share_prompt else dpo_batch)([pairs[i] for i in rows])]
+
+
 def policy_and_reference_logps(policy, reference, pairs, rows, ref_cache, args, ctx):
     """(policy chosen, policy rejected, reference chosen, reference rejected) log-probs of pairs[rows],
     and the number of tokens the policy processed (padding included). With --precompute_ref the
     reference's come from ref_cache, rows of (chosen, rejected)."""
-    make_batch = packed_dpo_batch if args.share_prompt else dpo_batch
-    batch = [t.to(args.device) for t in make_batch([pairs[i] for i in rows])]
+    batch = make_batch(pairs, rows, args)
     with ctx:
         chosen, rejected = pair_logps(policy, *batch)
         if ref_cache is not None:
@@ -165,9 +170,9 @@ def reference_logps(reference, pairs, args, ctx):
     """(N, 2) reference log-probs of every pair (chosen, rejected), in micro-batches."""
     out = []
     for start in range(0, len(pairs), args.batch_size):
-        input_ids, labels = (t.to(args.device) for t in dpo_batch(pairs[start:start + args.batch_size]))
+        batch = make_batch(pairs, range(start, min(start + args.batch_size, len(pairs))), args)
         with ctx:
-            out.append(torch.stack(pair_logps(reference, input_ids, labels), dim=1).float().cpu())
+            out.append(torch.stack(pair_logps(reference, *batch), dim=1).float().cpu())
     return torch.cat(out)
 
 
@@ -267,7 +272,7 @@ def train(args):
                 total = add_metrics(total, *out, *logps[:2])
                 n_tokens += tokens
             metrics = mean_metrics(total, pairs_per_step)
-            if not torch.isfinite(torch.tensor(metrics["loss"])):
+            if not math.isfinite(metrics["loss"]):
                 raise UserError(f"loss is {metrics['loss']} at step {step}; stopped, the last good checkpoint "
                                 f"in {args.out_dir} is kept. Try a lower --lr or --dtype bfloat16")
             scaler.unscale_(optimizer)

@@ -10,6 +10,7 @@ leaves DPO little to learn (see README, "Pitfalls").
     python sft.py --demo               # toy task, tiny model from scratch, a minute on a CPU
     python sft.py --target rejected    # the "bad" reference: SFT on the rejected responses
 """
+import math
 import time
 
 import torch
@@ -85,8 +86,8 @@ def train(args):
     ctx = autocast(args.device, args.dtype)
     log = RunLog(args.out_dir, start)
 
-    mean_tokens = sum((torch.tensor(labels) != IGNORE_INDEX).sum().item() for _, labels in train_examples[:1000])
-    mean_tokens /= min(len(train_examples), 1000)
+    first = train_examples[:1000]  # enough to estimate the mean
+    mean_tokens = sum(label != IGNORE_INDEX for _, labels in first for label in labels) / len(first)
     print(f"{model.num_params() / 1e6:.1f}M parameters, {args.device}, {args.dtype}; effective batch "
           f"{args.batch_size} x {args.grad_accum} = {args.batch_size * args.grad_accum} examples, "
           f"~{mean_tokens * args.batch_size * args.grad_accum:.0f} response tokens")
@@ -94,11 +95,14 @@ def train(args):
     def save(step):
         save_checkpoint(args.out_dir, model, optimizer, scaler, step, args)
 
+    def log_eval(step):
+        loss = evaluate(model, test_examples, args, ctx)
+        log({"iter": step, "split": "test", "loss": loss, "ppl": math.exp(loss)})
+
     with CtrlC() as ctrl_c:
         for step in range(start, args.max_iters):
             if args.eval_interval and step % args.eval_interval == 0 and not (start and step == start):
-                loss = evaluate(model, test_examples, args, ctx)
-                log({"iter": step, "split": "test", "loss": loss, "ppl": float(torch.tensor(loss).exp())})
+                log_eval(step)
                 if step > start:
                     save(step)
 
@@ -125,7 +129,7 @@ def train(args):
                 loss_sum += loss.detach()  # stays on the device: no CPU-GPU sync per micro-batch
                 n_seen += input_ids.numel()
             loss_value = float(loss_sum)
-            if not torch.isfinite(torch.tensor(loss_value)):
+            if not math.isfinite(loss_value):
                 raise UserError(f"loss is {loss_value} at step {step}; stopped, the last good checkpoint in "
                                 f"{args.out_dir} is kept. Try a lower --lr or --dtype bfloat16")
             scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
@@ -142,8 +146,7 @@ def train(args):
                 print(f"saved {args.out_dir}/ckpt.pt at step {step + 1}; continue with --resume")
                 return
 
-    loss = evaluate(model, test_examples, args, ctx)
-    log({"iter": args.max_iters, "split": "test", "loss": loss, "ppl": float(torch.tensor(loss).exp())})
+    log_eval(args.max_iters)
     save(args.max_iters)
     print(f"saved {args.out_dir}/ckpt.pt")
 
