@@ -24,8 +24,8 @@ import torch
 
 import dpo
 import sft
-from model import (GPT, GPT2_SIZES, IGNORE_INDEX, GPTConfig, UserError, autocast, make_optimizer, pick_device,
-                   pick_dtype, setup_cuda, user_errors)
+from model import GPT, GPT2_SIZES, IGNORE_INDEX, GPTConfig
+from runs import UserError, compute_init, make_optimizer, user_errors
 
 # dense peak TFLOP/s by GPU name and dtype (vendor datasheets; SXM parts); TF32 stands in for fp32
 PEAK_TFLOPS = {"H100": {"bfloat16": 989, "float16": 989, "float32": 494},
@@ -79,10 +79,10 @@ def step_flops(config, sequences, seq_len, response_tokens, train=True):
     return 3 * forward if train else forward
 
 
-def synthetic_batch(rows, args, config, device):
+def synthetic_batch(n_sequences, args, config, device):
     torch.manual_seed(0)
-    input_ids = torch.randint(0, config.vocab_size, (rows, args.seq_len), device=device)
-    labels = torch.randint(0, config.vocab_size, (rows, args.seq_len), device=device)
+    input_ids = torch.randint(0, config.vocab_size, (n_sequences, args.seq_len), device=device)
+    labels = torch.randint(0, config.vocab_size, (n_sequences, args.seq_len), device=device)
     labels[:, :int(args.seq_len * (1 - args.response_frac))] = IGNORE_INDEX  # the prompt part
     return input_ids, labels
 
@@ -106,14 +106,12 @@ def measure(step, args, device):
 
 
 def run(args):
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    if device.startswith("cuda"):
-        setup_cuda()
+    compute = compute_init(args)
+    device, dtype = compute.device, compute.dtype
     shape = dict(GPT2_SIZES[args.model])
     shape.update({k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)})
     config = GPTConfig(block_size=max(1024, args.seq_len), **shape)
-    ctx = autocast(device, dtype)
+    ctx = compute.autocast
     peak = args.peak_tflops or peak_tflops(device, dtype)
     policy = GPT(config).to(device)
     optimizer = make_optimizer(policy, 1e-6, 0.0, device)
@@ -122,7 +120,7 @@ def run(args):
         policy.compile()
         if reference is not None:
             reference.compile()
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
+    scaler = compute.scaler
 
     def update(loss):
         scaler.scale(loss).backward()
@@ -134,7 +132,7 @@ def run(args):
 
     sft_ids, sft_labels = synthetic_batch(args.batch_size, args, config, device)
     dpo_ids, dpo_labels = synthetic_batch(2 * args.batch_size, args, config, device)
-    ref_logps = torch.zeros(2, args.batch_size, device=device)
+    ref_logps = None if reference is not None else torch.zeros(args.batch_size, 2)  # (pairs, chosen/rejected)
 
     def sft_step():
         with ctx:
@@ -143,24 +141,20 @@ def run(args):
 
     def dpo_step():
         with ctx:
-            chosen, rejected = dpo.pair_logps(policy, dpo_ids, dpo_labels)
-            if reference is not None:
-                with torch.no_grad():
-                    ref_chosen, ref_rejected = dpo.pair_logps(reference, dpo_ids, dpo_labels)
-            else:
-                ref_chosen, ref_rejected = ref_logps
+            chosen, rejected = dpo.pair_logps(policy, (dpo_ids, dpo_labels))
+            ref_chosen, ref_rejected = dpo.reference_pair_logps(reference, (dpo_ids, dpo_labels), ref_logps)
         update(dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)[0].mean())
 
-    rows = []
+    results = []
     response = lambda labels: (labels != IGNORE_INDEX).sum().item()
     if args.only != "dpo":
         flops = step_flops(config, args.batch_size, args.seq_len, response(sft_labels))
-        rows.append(("sft", sft_ids.numel(), flops, *measure(sft_step, args, device)))
+        results.append(("sft", sft_ids.numel(), flops, *measure(sft_step, args, device)))
     if args.only != "sft":
         flops = step_flops(config, 2 * args.batch_size, args.seq_len, response(dpo_labels))
         if reference is not None:
             flops += step_flops(config, 2 * args.batch_size, args.seq_len, response(dpo_labels), train=False)
-        rows.append(("dpo", dpo_ids.numel(), flops, *measure(dpo_step, args, device)))
+        results.append(("dpo", dpo_ids.numel(), flops, *measure(dpo_step, args, device)))
 
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
     label = args.model if shape == GPT2_SIZES[args.model] else "custom"
@@ -168,10 +162,10 @@ def run(args):
           f"{args.seq_len}, response {args.response_frac:.0%}, {dtype}, compile {args.compile}, precompute_ref "
           f"{args.precompute_ref}; {name}, peak {peak:.1f} TFLOP/s")
     print(f"{'step':5s} {'ms':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak mem':>9s}")
-    for kind, tokens, flops, seconds, memory in rows:
+    for kind, tokens, flops, seconds, memory in results:
         print(f"{kind:5s} {seconds * 1000:9.1f} {tokens / seconds:10.0f} {flops / seconds / 1e12:8.2f} "
               f"{flops / seconds / 1e12 / peak:6.1%} {memory / 2**20:7.0f}MB")
-    return rows
+    return results
 
 
 def main(argv=None):

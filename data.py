@@ -22,7 +22,8 @@ import re
 
 import torch
 
-from model import IGNORE_INDEX, UserError, user_errors
+from model import IGNORE_INDEX
+from runs import UserError, user_errors
 
 EOS = 50256           # <|endoftext|>: appended to every response and trained on, so the model learns to stop
 ASSISTANT = "\n\nAssistant:"

@@ -18,7 +18,6 @@ No reward model, no sampling, no RL: two forward passes (policy and reference) p
     python dpo.py --demo --beta 0.1 --swap        # the "bad" model: rejected responses as preferred
 """
 import copy
-import math
 import os
 import time
 
@@ -26,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from data import batch_indices, dpo_batch, load_preferences, packed_dpo_batch, tokenize_pairs
-from model import (GPT2_SIZES, CtrlC, RunLog, UserError, autocast, load_model,
-                   lr_at, make_optimizer, pick_device, pick_dtype, resume, save_checkpoint,
-                   setup_cuda, training_arguments, user_errors)
+from model import GPT2_SIZES, load_model
+from runs import (CtrlC, RunLog, UserError, compute_init, make_optimizer, parse_training_arguments, resume,
+                  save_checkpoint, scratch_shape, stop_on_non_finite, training_arguments, user_errors)
 
 # The paper's settings (sec. 6 and app. B): beta 0.1, batch 64, RMSprop at lr 1e-6 with 150 warmup steps;
 # one epoch of HH's 160k pairs is 2,500 steps of 64.
@@ -55,7 +54,7 @@ def parse_args(argv=None):
                         "once (data.packed_dpo_batch): same log-probs, fewer tokens")
     parser.add_argument("--swap", action="store_true", help="train on rejected responses as if preferred "
                         "(the 'bad' model); evaluation still uses the true preferences")
-    args = parser.parse(argv)
+    args = parse_training_arguments(parser, DEMO, argv)
     if not args.beta > 0:
         parser.error(f"--beta must be positive, got {args.beta}")
     if not 0 <= args.label_smoothing < 0.5:
@@ -78,15 +77,20 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     # h: how much more the policy prefers y_w over y_l than the reference does, in log space
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     if loss_type == "sigmoid":
-        # eq. 7; with label_smoothing e, the preference is taken as flipped with probability e
-        # (conservative DPO, as the reference implementation writes it): a bounded loss for noisy labels
+        # eq. 7. With label_smoothing eps > 0, conservative DPO (cDPO; Mitchell, 2023, "A note on DPO with
+        # noisy preferences"): each label is taken as flipped with probability eps. For noisy labels: the
+        # loss still grows linearly in |h|, but its minimum sits at a finite beta h = ln((1 - eps) / eps)
+        # instead of at h = infinity, so confident pairs stop pulling once they get there.
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
-        # IPO (Azar et al., 2023, eq. 17): regress h to 1 / (2 tau), tau = beta; does not push h to infinity
+        # IPO (Azar et al., 2023, arXiv:2310.12036, eq. 17 of v2): a squared loss with its minimum at
+        # h = 1 / (2 tau), tau = beta, so h is never pushed to infinity, even on preferences that are
+        # deterministic in the data. h uses summed log-probs here, as in the authors' DPO code; TRL
+        # averages them per token, so the same beta gives different numbers there.
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
-    # the implicit reward of eq. 5 (without beta log Z(x), which cancels within a pair)
+    # the implicit reward beta log(pi / pi_ref) of sec. 4: eq. 5 without beta log Z(x), which cancels in a pair
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
@@ -97,17 +101,16 @@ def reward_accuracy(chosen_rewards, rejected_rewards):
     return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).mean()
 
 
-def sequence_logps(model, input_ids, labels, positions=None, segments=None):
-    """log pi(y|x): the sum of the response tokens' log-probs, in fp32, for each row (the paper's
-    quantity). Averaging over tokens instead (as some libraries do) changes the objective: it stops
-    penalizing a policy for the length of what it says, and beta then means something else."""
-    return model.token_logps(input_ids, labels, positions, segments).sum(dim=-1)
+def pair_logps(model, batch):
+    """log pi(y_w|x) and log pi(y_l|x) of each pair, from ONE forward pass over the batch.
 
-
-def pair_logps(model, input_ids, labels, positions=None, segments=None):
-    """(chosen, rejected) log-probs from ONE forward pass: over the 2B rows dpo_batch stacked (chosen
-    rows first), or over the B rows of packed_dpo_batch (labels (2, B, W): chosen plane first)."""
-    logps = sequence_logps(model, input_ids, labels, positions, segments).view(2, -1)  # (2, B)
+    The batch is dpo_batch's 2B rows (chosen rows first) or packed_dpo_batch's B rows (labels (2, B, W):
+    chosen plane first). log pi(y|x) is the *sum* of the response tokens' log-probs, in fp32: the
+    paper's quantity. Averaging over tokens instead (as some libraries do) is a different objective:
+    each pair's margin h is divided by its response lengths, so a long response no longer moves the
+    loss more than a short one, and beta, which multiplies h, needs another scale.
+    """
+    logps = model.token_logps(*batch).sum(dim=-1).view(2, -1)  # (2, B)
     return logps[0], logps[1]
 
 
@@ -124,9 +127,12 @@ def require_models(args):
 
 def load_models(args):
     """The policy to train and its frozen reference."""
-    policy = load_model(args.init, args, args.device)
+    policy = load_model(args.init, args.device, args.dropout, args.max_len, scratch_shape(args))
     # the usual case, ref = init: a copy, not a second load (and for --init scratch, the same random model)
-    reference = copy.deepcopy(policy) if args.ref == args.init else load_model(args.ref, args, args.device)
+    if args.ref == args.init:
+        reference = copy.deepcopy(policy)
+    else:
+        reference = load_model(args.ref, args.device, args.dropout, args.max_len, scratch_shape(args))
     a, b = policy.config, reference.config
     if (a.n_layer, a.n_head, a.n_embd, a.vocab_size) != (b.n_layer, b.n_head, b.n_embd, b.vocab_size):
         raise UserError(f"--init {args.init} ({a.n_layer} layers x {a.n_embd}) and --ref {args.ref} "
@@ -145,54 +151,56 @@ def freeze(reference, device, dtype):
     return reference
 
 
-def make_batch(pairs, rows, args):
-    """The micro-batch of pairs[rows] on the device: stacked 2B rows, or packed rows with --share_prompt."""
-    return [t.to(args.device) for t in (packed_dpo_batch if args.share_prompt else dpo_batch)([pairs[i] for i in rows])]
+def make_batch(pairs, indices, args):
+    """The micro-batch of pairs[indices] on the device: stacked 2B rows, or packed rows with --share_prompt."""
+    chosen = [pairs[i] for i in indices]
+    if args.share_prompt:
+        batch = packed_dpo_batch(chosen)
+    else:
+        batch = dpo_batch(chosen)
+    return [t.to(args.device) for t in batch]
 
 
-def policy_and_reference_logps(policy, reference, pairs, rows, ref_cache, args, ctx):
-    """(policy chosen, policy rejected, reference chosen, reference rejected) log-probs of pairs[rows],
-    and the number of tokens the policy processed (padding included). With --precompute_ref the
-    reference's come from ref_cache, rows of (chosen, rejected)."""
-    batch = make_batch(pairs, rows, args)
-    with ctx:
-        chosen, rejected = pair_logps(policy, *batch)
-        if ref_cache is not None:
-            ref_chosen, ref_rejected = ref_cache[rows].to(args.device).unbind(1)
-        else:
-            with torch.no_grad():  # the reference is a constant: no graph, no activations kept
-                ref_chosen, ref_rejected = pair_logps(reference, *batch)
-    return (chosen, rejected, ref_chosen, ref_rejected), batch[0].numel()
+def reference_pair_logps(reference, batch, cached):
+    """The reference's (chosen, rejected) log-probs: the rows precomputed for these pairs (--precompute_ref),
+    or one forward pass without a graph: pi_ref is a constant, so no activations are kept for it."""
+    if cached is not None:
+        return cached.to(batch[0].device).unbind(1)
+    with torch.no_grad():
+        return pair_logps(reference, batch)
 
 
 @torch.no_grad()
-def reference_logps(reference, pairs, args, ctx):
+def precompute_reference(reference, pairs, args, ctx):
     """(N, 2) reference log-probs of every pair (chosen, rejected), in micro-batches."""
     out = []
     for start in range(0, len(pairs), args.batch_size):
         batch = make_batch(pairs, range(start, min(start + args.batch_size, len(pairs))), args)
         with ctx:
-            out.append(torch.stack(pair_logps(reference, *batch), dim=1).float().cpu())
+            out.append(torch.stack(pair_logps(reference, batch), dim=1).float().cpu())
     return torch.cat(out)
 
 
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
-           "logps/chosen", "logps/rejected")  # the reference implementation's names
+def metric_sums(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected):
+    """This micro-batch's sums over pairs, under the names the authors' code logs (accuracy, margin
+    singular). They stay on the device: reading each with .item() would make the CPU wait for the GPU."""
+    return {"loss": losses.detach().sum(),
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/margin": (chosen_rewards - rejected_rewards).sum(),
+            "rewards/accuracy": reward_accuracy(chosen_rewards, rejected_rewards) * len(losses),
+            "logps/chosen": policy_chosen.detach().sum(),
+            "logps/rejected": policy_rejected.detach().sum()}
 
 
-def add_metrics(total, losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected):
-    """Add this micro-batch's sums over pairs to `total`, a tensor in METRICS order. It stays on the
-    device: reading each value with .item() would make the CPU wait for the GPU seven times a micro-batch."""
-    accuracy = reward_accuracy(chosen_rewards, rejected_rewards) * len(losses)
-    sums = torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
-                        (chosen_rewards - rejected_rewards).sum(), accuracy,
-                        policy_chosen.sum(), policy_rejected.sum()]).detach().float()
-    return sums if total is None else total + sums
+def add_sums(total, sums):
+    return sums if total is None else {name: total[name] + value for name, value in sums.items()}
 
 
-def mean_metrics(total, n_pairs):
-    """The sums as a dict of means, with a single device-to-host copy."""
-    return {key: value / n_pairs for key, value in zip(METRICS, total.tolist())}
+def means(total, n_pairs):
+    """The sums as means over n_pairs, with one device-to-host copy for all of them."""
+    values = torch.stack([value.float() for value in total.values()]).tolist()
+    return {name: value / n_pairs for name, value in zip(total, values)}
 
 
 @torch.no_grad()
@@ -201,20 +209,22 @@ def evaluate(policy, reference, pairs, ref_cache, args, ctx):
     policy.eval()
     total, n = None, min(len(pairs), args.eval_batches * args.batch_size)
     for start in range(0, n, args.batch_size):
-        rows = list(range(start, min(start + args.batch_size, n)))
-        logps, _ = policy_and_reference_logps(policy, reference, pairs, rows, ref_cache, args, ctx)
-        out = dpo_loss(*logps, args.beta, args.loss_type, args.label_smoothing)
-        total = add_metrics(total, *out, *logps[:2])
+        indices = list(range(start, min(start + args.batch_size, n)))
+        batch = make_batch(pairs, indices, args)
+        with ctx:
+            policy_chosen, policy_rejected = pair_logps(policy, batch)
+            ref_chosen, ref_rejected = reference_pair_logps(
+                reference, batch, None if ref_cache is None else ref_cache[indices])
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing)
+        total = add_sums(total, metric_sums(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected))
     policy.train()
-    return mean_metrics(total, n)
+    return means(total, n)
 
 
 def train(args):
     torch.manual_seed(args.seed)
-    args.device = pick_device(args.device)
-    args.dtype = pick_dtype(args.dtype, args.device)
-    if args.device.startswith("cuda"):
-        setup_cuda()
+    compute = compute_init(args)
 
     require_models(args)
     train_pairs = tokenize_pairs(load_preferences(args.data, "train"), args.max_len, args.max_prompt_len)
@@ -223,19 +233,17 @@ def train(args):
         train_pairs = [{"prompt": p["prompt"], "chosen": p["rejected"], "rejected": p["chosen"]} for p in train_pairs]
 
     policy, reference = load_models(args)
-    ctx = autocast(args.device, args.dtype)
     train_ref = test_ref = None
     if args.precompute_ref:
         # one pass of the reference over the data now, then only the policy stays in memory
         t0 = time.time()
-        train_ref = reference_logps(reference, train_pairs, args, ctx)
-        test_ref = reference_logps(reference, test_pairs, args, ctx)
+        train_ref = precompute_reference(reference, train_pairs, args, compute.autocast)
+        test_ref = precompute_reference(reference, test_pairs, args, compute.autocast)
         reference = None
         print(f"reference log-probs of {len(train_pairs) + len(test_pairs)} pairs in {time.time() - t0:.1f}s")
 
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, args.device, kind=args.optimizer)
-    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")
-    start = resume(args.out_dir, policy, optimizer, scaler) if args.resume else 0
+    start = resume(args.out_dir, policy, optimizer, compute.scaler) if args.resume else 0
     if args.compile:
         policy.compile()
         if reference is not None:
@@ -246,39 +254,47 @@ def train(args):
           f"{args.loss_type} loss; effective batch {args.batch_size} x {args.grad_accum} = {pairs_per_step} pairs")
 
     def save(step):
-        save_checkpoint(args.out_dir, policy, optimizer, scaler, step, args)
+        save_checkpoint(args.out_dir, policy, optimizer, compute.scaler, step, args)
 
     def log_eval(step):
-        log({"iter": step, "split": "test", **evaluate(policy, reference, test_pairs, test_ref, args, ctx)})
+        log({"iter": step, "split": "test", **evaluate(policy, reference, test_pairs, test_ref, args, compute.autocast)})
 
     with CtrlC() as ctrl_c:
         for step in range(start, args.max_iters):
+            # evaluate, then save, every eval_interval steps. A resumed run skips the eval at its first
+            # step (the run it continues logged it) and saves only after a step of its own.
             if args.eval_interval and step % args.eval_interval == 0 and not (start and step == start):
                 log_eval(step)
                 if step > start:
                     save(step)
 
-            lr = lr_at(step, args.lr, args.warmup, args.max_iters, decay=False)
+            # linear warmup, then constant: the paper's schedule
+            lr = args.lr * (step + 1) / args.warmup if step < args.warmup else args.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.time()
             total, n_tokens = None, 0
             for micro in range(args.grad_accum):
-                rows = batch_indices(len(train_pairs), args.batch_size, step * args.grad_accum + micro, args.seed)
-                logps, tokens = policy_and_reference_logps(policy, reference, train_pairs, rows, train_ref, args, ctx)
-                out = dpo_loss(*logps, args.beta, args.loss_type, args.label_smoothing)
-                # mean over the pairs of the effective batch: every micro-batch has batch_size pairs
-                scaler.scale(out[0].sum() / pairs_per_step).backward()
-                total = add_metrics(total, *out, *logps[:2])
-                n_tokens += tokens
-            metrics = mean_metrics(total, pairs_per_step)
-            if not math.isfinite(metrics["loss"]):
-                raise UserError(f"loss is {metrics['loss']} at step {step}; stopped, the last good checkpoint "
-                                f"in {args.out_dir} is kept. Try a lower --lr or --dtype bfloat16")
-            scaler.unscale_(optimizer)
+                indices = batch_indices(len(train_pairs), args.batch_size, step * args.grad_accum + micro, args.seed)
+                batch = make_batch(train_pairs, indices, args)
+                with compute.autocast:
+                    policy_chosen, policy_rejected = pair_logps(policy, batch)
+                    ref_chosen, ref_rejected = reference_pair_logps(
+                        reference, batch, None if train_ref is None else train_ref[indices])
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta, args.loss_type,
+                    args.label_smoothing)
+                # the mean over the pairs of the effective batch: every micro-batch has batch_size pairs
+                compute.scaler.scale(losses.sum() / pairs_per_step).backward()
+                total = add_sums(total, metric_sums(losses, chosen_rewards, rejected_rewards, policy_chosen,
+                                                    policy_rejected))
+                n_tokens += batch[0].numel()
+            metrics = means(total, pairs_per_step)  # the step's one device-to-host copy
+            stop_on_non_finite(metrics["loss"], step, args)
+            compute.scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
+            compute.scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+            compute.scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
             dt = time.time() - t0

@@ -1,41 +1,23 @@
-"""GPT-2, written out: the transformer, its weights from the Hugging Face hub, sampling, checkpoints.
+"""GPT-2, written out: the transformer, its weights in and out of Hugging Face's layout, and sampling.
 
 The module names equal Hugging Face's GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...), so
 importing the published weights is one renaming loop and four transposes. Numerics follow GPT-2 exactly
 (tanh GELU, LayerNorm eps 1e-5, biases everywhere, tied input/output embeddings); tests/test_model.py
-proves our logits equal `transformers.GPT2LMHeadModel`'s.
-
-Besides the model, this file holds the plumbing both training scripts share and that is not the
-lesson: device and precision choice, optimizer groups, checkpoint I/O and the one-line error for users.
+proves our logits equal `transformers.GPT2LMHeadModel`'s. Run plumbing (flags, checkpoints, logs) is
+in runs.py.
 """
-import argparse
-import contextlib
 import json
 import math
 import os
-import shutil
-import signal
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runs import UserError, atomic_write, load_checkpoint
+
 IGNORE_INDEX = -100  # label of a position that is not trained on (prompt, padding): PyTorch's convention
-
-
-class UserError(Exception):
-    """A mistake the user can fix (a bad path, a bad flag). Scripts print it as one line, no traceback."""
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Turn a UserError into `error: ...` on stderr and exit status 1, instead of a traceback."""
-    try:
-        yield
-    except UserError as e:
-        sys.exit(f"error: {e}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -52,6 +34,9 @@ class GPTConfig:
     bias: bool = True        # GPT-2 has biases in every Linear and LayerNorm
 
 
+# GPT-2's original code used Conv1D layers, whose weights are stored (in, out): nn.Linear wants (out, in)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
 # The published GPT-2 sizes (Radford et al., 2019); all share block_size 1024 and vocab_size 50257.
 GPT2_SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
@@ -62,16 +47,17 @@ GPT2_SIZES = {
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         assert config.n_embd % config.n_head == 0
+        self.layer = layer  # this block's slot in the KV cache
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None, layer=0, attn_mask=None):
+    def forward(self, x, kv_cache=None, attn_mask=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -80,11 +66,12 @@ class CausalSelfAttention(nn.Module):
         past = 0
         if kv_cache is not None:
             # sampling: keys and values of earlier tokens are kept, so each new token costs O(T), not O(T^2)
-            if kv_cache[layer] is not None:
-                past = kv_cache[layer][0].size(2)
-                k = torch.cat([kv_cache[layer][0], k], dim=2)  # (B, nh, past + T, hs)
-                v = torch.cat([kv_cache[layer][1], v], dim=2)
-            kv_cache[layer] = (k, v)
+            if kv_cache[self.layer] is not None:
+                past_k, past_v = kv_cache[self.layer]
+                past = past_k.size(2)
+                k = torch.cat([past_k, k], dim=2)  # (B, nh, past + T, hs)
+                v = torch.cat([past_v, v], dim=2)
+            kv_cache[self.layer] = (k, v)
         dropout = self.dropout if self.training else 0.0
         if attn_mask is not None:  # packed rows (data.packed_dpo_batch): who sees whom is given
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
@@ -108,34 +95,45 @@ class MLP(nn.Module):
 
     def forward(self, x):
         # GPT-2 used the tanh approximation of GELU ("gelu_new" in transformers); the exact erf GELU
-        # differs by up to ~1e-3 per activation, enough to break equality with the published model
+        # differs from it by up to 4.7e-4 (at |x| = 2.7), enough to break equality with the published model
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, layer=0, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), kv_cache, layer, attn_mask)  # pre-norm residual blocks (GPT-2, sec. 2.3)
+    def forward(self, x, kv_cache=None, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)  # pre-norm residual blocks (GPT-2, sec. 2.3)
         return x + self.mlp(self.ln_2(x))
 
 
-class LabelLogProbs(torch.autograd.Function):
-    """log softmax(hidden @ weight.T)[row, target] for N rows, chunk by chunk.
+# ----------------------------------------------------------------------------------------------------
+# The log-probability of each label: what SFT and DPO train on
 
-    A plain `logits.log_softmax(-1).gather(...)` keeps the (N, vocab) logits, a log-softmax copy and
-    their gradients alive at once: for a DPO micro-batch of 8 x 512 tokens on GPT-2 that is several
-    GB of fp32. Here one chunk of logits exists at a time; backward recomputes it (one more matmul)
-    and turns it into the gradient in place, using d log p / d logits = onehot(target) - softmax.
+def label_logps(logits, labels):
+    """The plain version, two lines: log softmax over the vocabulary, then the entry of each label.
+    (B, T) in fp32, 0 where the label is IGNORE_INDEX. GPT.token_logps returns the same numbers
+    (tests/test_model.py uses this function as its oracle) without building the (B, T, vocab) logits."""
+    logps = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logps.masked_fill(labels == IGNORE_INDEX, 0.0)
+
+
+class LabelLogProbs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[row, target] for N rows, chunk by chunk: label_logps, made lean.
+
+    label_logps keeps the (N, vocab) logits, a log-softmax copy and their gradients alive at once: for a
+    DPO micro-batch of 8 x 512 tokens on GPT-2 that is several GB of fp32. Here one chunk of logits
+    exists at a time; backward recomputes it (one more matmul) and turns it into the gradient in place,
+    using d log p / d logits = onehot(target) - softmax.
     """
     # fp32 logits in flight at once. On CPU, 32 MB stays under glibc's largest mmap threshold, so a
-    # freed chunk is reused instead of being returned to the OS and page-faulted back (measured: the
-    # toy SFT step takes 0.24 s instead of 0.32 s); on a GPU, bigger chunks keep the matmuls large.
+    # freed chunk is reused instead of being returned to the OS and page-faulted back (PERFORMANCE.md
+    # has the measurement); on a GPU, bigger chunks keep the matmuls large.
     BUDGET = {"cpu": 2**25, "cuda": 2**30}
 
     @staticmethod
@@ -185,7 +183,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
             wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -214,18 +212,18 @@ class GPT(nn.Module):
         B, T = idx.size()
         past = 0 if kv_cache is None or kv_cache[0] is None else kv_cache[0][0].size(2)
         if positions is None:
+            # lengths are checked where the data is made (load_model against --max_len, generate crops):
+            # checking positions here would cost a GPU-to-CPU sync on every forward
+            assert past + T <= self.config.block_size, f"{past + T} positions, block_size {self.config.block_size}"
             positions = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         attn_mask = None
         if segments is not None:
             query, key = segments[:, :, None], segments[:, None, :]  # (B, T, 1), (B, 1, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
             attn_mask = (causal & ((key == 0) | (key == query)))[:, None]  # (B, 1, T, T): one for all heads
-        if int(positions.max()) >= self.config.block_size:
-            raise UserError(f"sequence of {int(positions.max()) + 1} tokens is longer than the model's "
-                            f"block_size {self.config.block_size}; use shorter sequences")
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, layer, attn_mask)
+        for block in self.transformer.h:
+            x = block(x, kv_cache, attn_mask)
         x = self.transformer.ln_f(x)  # (B, T, C)
         return x if hidden_only else self.lm_head(x)  # (B, T, vocab_size)
 
@@ -233,7 +231,7 @@ class GPT(nn.Module):
         """log p(labels[b, t] | idx[b, :t+1]) where a label exists, 0 elsewhere: (B, T), float32.
 
         Labels are already shifted (data.py: labels[t] is the token after idx[t]) and IGNORE_INDEX on
-        prompt and padding. Same numbers as `log_softmax(model(idx))` gathered at the labels, but:
+        prompt and padding. The same numbers as the plain `label_logps(self(idx), labels)`, but:
         - the head runs only on labelled rows: for GPT-2 small the 768 x 50257 head is a third of the
           FLOPs per token, and prompts are often longer than responses;
         - the (rows, vocab) logits never exist whole: LabelLogProbs works through them in chunks.
@@ -283,7 +281,7 @@ class GPT(nn.Module):
         return idx
 
     # ------------------------------------------------------------------------------------------------
-    # Hugging Face weights in and out
+    # Weights in and out: Hugging Face's GPT-2 layout and our checkpoints
 
     @classmethod
     def from_pretrained(cls, name_or_dir, device="cpu"):
@@ -294,7 +292,7 @@ class GPT(nn.Module):
         elif os.path.isfile(os.path.join(name_or_dir, "ckpt.pt")):
             checkpoint = load_checkpoint(os.path.join(name_or_dir, "ckpt.pt"))
             model = cls(GPTConfig(**checkpoint["config"]))
-            load_state(model, checkpoint["model"], where=name_or_dir)
+            model.load_weights(checkpoint["model"], where=name_or_dir)
             return model.to(device)
         elif os.path.isdir(name_or_dir):
             config = _read_hf_config(name_or_dir)
@@ -307,8 +305,13 @@ class GPT(nn.Module):
                             "Face directory (config.json + model.safetensors) or a checkpoint directory")
         from safetensors.torch import load_file
         model = cls(config)
-        load_state(model, hf_to_ours(load_file(weights), config), where=weights)
+        model.load_weights(hf_to_ours(load_file(weights), config), where=weights)
         return model.to(device)
+
+    def load_weights(self, state, where="checkpoint"):
+        """load_state_dict, after check_state has given any mismatch as one line."""
+        check_state({k: v.shape for k, v in self.state_dict().items()}, state, f"the weights in {where}")
+        self.load_state_dict(state)
 
     def save_pretrained(self, directory):
         """config.json + model.safetensors in Hugging Face's GPT-2 layout (GPT2LMHeadModel loads it)."""
@@ -329,15 +332,28 @@ class GPT(nn.Module):
                 tensor = tensor.t()  # back to Conv1D's (in, out)
             weights[key] = tensor.detach().to("cpu").contiguous()
         os.makedirs(directory, exist_ok=True)
-        _atomic_write(os.path.join(directory, "model.safetensors"), lambda path: save_file(weights, path))
+        atomic_write(os.path.join(directory, "model.safetensors"), lambda path: save_file(weights, path))
+
         def write_config(path):
             with open(path, "w") as f:
                 f.write(json.dumps(config, indent=2) + "\n")
-        _atomic_write(os.path.join(directory, "config.json"), write_config)
+        atomic_write(os.path.join(directory, "config.json"), write_config)
 
 
-# GPT-2's original code used Conv1D layers, whose weights are stored (in, out): nn.Linear wants (out, in)
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+def load_model(init, device="cpu", dropout=0.0, max_len=None, scratch=None):
+    """The model a training run starts from: GPT.from_pretrained(init), or for init "scratch" a fresh
+    GPT with the GPTConfig fields in `scratch`. Dropout is a training choice, not part of the weights,
+    so it is set here; max_len, the longest sequence the run will feed, must fit the position table."""
+    model = GPT(GPTConfig(dropout=dropout, **scratch)) if init == "scratch" else GPT.from_pretrained(init)
+    model.config.dropout = dropout
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = dropout
+        if isinstance(module, CausalSelfAttention):
+            module.dropout = dropout
+    if max_len is not None and max_len > model.config.block_size:
+        raise UserError(f"--max_len {max_len} is longer than {init}'s block_size {model.config.block_size}")
+    return model.to(device)
 
 
 def hf_to_ours(hf_state, config):
@@ -368,12 +384,6 @@ def check_state(expected, state, where):
                             f"{tuple(shape)} here")
 
 
-def load_state(model, state, where="checkpoint"):
-    """load_state_dict, after check_state has given any mismatch as one line."""
-    check_state({k: v.shape for k, v in model.state_dict().items()}, state, f"the weights in {where}")
-    model.load_state_dict(state)
-
-
 def _read_hf_config(directory):
     path = os.path.join(directory, "config.json")
     try:
@@ -397,230 +407,3 @@ def _download_weights(name):
         raise UserError(f"could not download {name} from the Hugging Face hub ({type(e).__name__}); "
                         "check the network, or pass a local directory with config.json and "
                         "model.safetensors") from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Plumbing shared by sft.py and dpo.py
-
-def _atomic_write(path, write):
-    """write(tmp_path), then rename over path: a crash midway leaves the old file whole."""
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_checkpoint(out_dir, model, optimizer, scaler, iteration, args):
-    """OUT_DIR/ckpt.pt of plain types only, so torch.load(..., weights_only=True) reads it. Scripts
-    compile in place (model.compile()), so the state_dict keys are the plain model's."""
-    checkpoint = {
-        "model": model.state_dict(),
-        "config": asdict(model.config),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        "iter": iteration,
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-        "rng": {"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(os.path.join(out_dir, "ckpt.pt"), lambda path: torch.save(checkpoint, path))
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}") from None
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-
-
-def resume(out_dir, model, optimizer, scaler):
-    """Load OUT_DIR/ckpt.pt into model, optimizer and scaler, restore the RNGs; the step to go on from."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    checkpoint = load_checkpoint(path)
-    load_state(model, checkpoint["model"], where=path)
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise UserError(f"the optimizer state in {path} does not fit this run's optimizer ({e}); resume "
-                        "with the flags of the run that wrote it") from None
-    if checkpoint["scaler"] is not None:
-        scaler.load_state_dict(checkpoint["scaler"])
-    torch.set_rng_state(checkpoint["rng"]["cpu"])  # dropout masks continue as in a straight run
-    if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    print(f"resuming from step {checkpoint['iter']}")
-    return checkpoint["iter"]
-
-
-def pick_device(device):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for, but this machine has no CUDA GPU; use --device cpu")
-    return device
-
-
-def pick_dtype(dtype, device):
-    """Training precision: bf16 where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU."""
-    if dtype == "auto":
-        if not device.startswith("cuda"):
-            return "float32"
-        # emulated bf16 (pre-Ampere GPUs) is slow: those get fp16 and a GradScaler
-        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype {dtype} is not one of auto, float32, bfloat16, float16")
-    return dtype
-
-
-def autocast(device, dtype):
-    """Mixed precision: matmuls in bf16/fp16, weights and optimizer state stay fp32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
-
-
-def setup_cuda():
-    """TF32 matmuls on Ampere and newer: ~8x the fp32 throughput, 10-bit mantissa, harmless for training."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-
-def make_optimizer(model, lr, weight_decay, device, kind="adamw", betas=(0.9, 0.95)):
-    """AdamW (or RMSprop) with weight decay on matrices only: biases, LayerNorms stay undecayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    if kind == "rmsprop":  # what the DPO paper used
-        return torch.optim.RMSprop(groups, lr=lr)
-    fused = device.startswith("cuda")  # one kernel for all parameters instead of several per tensor
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
-
-
-def lr_at(step, lr, warmup, decay_iters, decay=True):
-    """Learning rate at an optimizer step: 1) linear warmup over `warmup` steps; 2) without decay (DPO,
-    as in the paper) constant after that; 3) with decay (SFT) cosine down to lr/10 at decay_iters, then flat."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if not decay:
-        return lr
-    progress = min(1.0, (step - warmup) / max(1, decay_iters - warmup))
-    return lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - lr / 10)
-
-
-def training_arguments(description, defaults, demo_defaults):
-    """The flags sft.py and dpo.py share; each script adds its own and passes its defaults.
-
-    --demo only swaps in demo_defaults: any flag given on the command line still wins."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--demo", action="store_true", help="the offline toy task on a tiny model, sized for a CPU")
-    p.add_argument("--init", help="gpt2[-medium|-large|-xl], a Hugging Face directory, a checkpoint "
-                   "directory, or scratch (with --n_layer/--n_head/--n_embd)")
-    p.add_argument("--data", help="Anthropic/hh-rlhf[:subset], a local directory or .jsonl/.json file, or toy")
-    p.add_argument("--out_dir")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), "
-                   "float32, bfloat16, float16")
-    p.add_argument("--batch_size", type=int, help="micro-batch, in examples (pairs for DPO)")
-    p.add_argument("--grad_accum", type=int, help="micro-batches per optimizer step")
-    p.add_argument("--max_len", type=int, help="tokens of prompt + response, at most")
-    p.add_argument("--max_prompt_len", type=int, help="tokens a too-long prompt is cut to, its end kept (default: max_len / 2)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--warmup", type=int, help="optimizer steps of linear warmup")
-    p.add_argument("--max_iters", type=int, help="optimizer steps in the whole run (a resumed run included)")
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
-    p.add_argument("--eval_interval", type=int, help="evaluate and save every N steps (0: only at the end)")
-    p.add_argument("--eval_batches", type=int, default=20, help="micro-batches of the test split per eval")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (needs a C compiler)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--n_layer", type=int, default=2, help="with --init scratch")
-    p.add_argument("--n_head", type=int, default=4, help="with --init scratch")
-    p.add_argument("--n_embd", type=int, default=64, help="with --init scratch")
-    p.set_defaults(**defaults)
-
-    def parse(argv=None):
-        if "--demo" in (sys.argv[1:] if argv is None else argv):
-            p.set_defaults(**demo_defaults)
-        args = p.parse_args(argv)
-        args.max_prompt_len = args.max_prompt_len or args.max_len // 2
-        for name in ("batch_size", "grad_accum", "max_len", "max_prompt_len", "max_iters", "eval_batches"):
-            if getattr(args, name) < 1:
-                p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-        if args.lr <= 0 or args.warmup < 0 or args.eval_interval < 0:
-            p.error("--lr must be positive, --warmup and --eval_interval not negative")
-        if args.init == "scratch" and args.n_embd % args.n_head:
-            p.error(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head}")
-        if args.compile and not torch.cuda.is_available() and not shutil.which(os.environ.get("CC", "cc")):
-            p.error("--compile on a CPU needs a C compiler (torch.compile writes C++ kernels): install gcc "
-                    "or drop --compile")
-        return args
-    p.parse = parse
-    return p
-
-
-def load_model(init, args, device):
-    """The model a run starts from: --init as GPT.from_pretrained reads it, or a fresh one (scratch)."""
-    if init == "scratch":
-        config = GPTConfig(block_size=args.max_len, n_layer=args.n_layer, n_head=args.n_head,
-                           n_embd=args.n_embd, dropout=args.dropout)
-        return GPT(config).to(device)
-    model = GPT.from_pretrained(init, device)
-    model.config.dropout = args.dropout
-    for module in model.modules():  # dropout is a training choice, not part of the weights
-        if isinstance(module, nn.Dropout):
-            module.p = args.dropout
-        if isinstance(module, CausalSelfAttention):
-            module.dropout = args.dropout
-    if args.max_len > model.config.block_size:
-        raise UserError(f"--max_len {args.max_len} is longer than {init}'s block_size {model.config.block_size}")
-    return model
-
-
-class RunLog:
-    """One JSON object a line in OUT_DIR/log.jsonl, and a console line. A run resumed from step
-    `start` keeps the records up to that step: those after it (logged before a crash, but not in the
-    checkpoint) are about to be done again."""
-
-    def __init__(self, out_dir, start=0):
-        os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, "log.jsonl")
-        kept = []
-        if start and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["iter"] <= start]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
-
-    def __call__(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        shown = " | ".join(f"{k} {_short(v)}" for k, v in record.items() if k not in ("iter", "split"))
-        print(f"{record['split']:5s} step {record['iter']:5d} | {shown}", flush=True)
-
-
-def _short(value):
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-class CtrlC:
-    """Ctrl-C sets a flag instead of killing the run, so the loop can save a checkpoint and stop."""
-
-    def __enter__(self):
-        self.pressed = False
-        self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        print("\nCtrl-C: finishing this step, saving a checkpoint, then stopping", flush=True)
-        self.pressed = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)

@@ -21,7 +21,8 @@ import torch
 
 from data import EOS, collate, dpo_batch, example, get_tokenizer, load_preferences, toy_reward, tokenize_pairs
 from dpo import pair_logps, reward_accuracy
-from model import GPT, UserError, pick_device, user_errors
+from model import GPT
+from runs import UserError, pick_device, user_errors
 
 DEMO_MODELS = ["sft=out/demo/sft", "dpo=out/demo/dpo", "dpo-bad=out/demo/dpo-bad"]
 STOP_TEXT = "\n\nHuman:"  # the model starting the user's next turn: the reply is over
@@ -63,11 +64,20 @@ def parse_args(argv=None):
         p.error("--temperature must be >= 0, --num_prompts and --max_new_tokens at least 1")
     if args.top_k is not None and args.top_k < 1 or args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top_k must be at least 1 and --top_p in (0, 1]")
-    labels = [spec.split("=", 1)[0] if "=" in spec else spec.rstrip("/").split("/")[-1] for spec in args.model]
+    args.models = [labelled(spec) for spec in args.model]  # [(label, path)]
+    labels = [label for label, _ in args.models]
     if len(set(labels)) < len(labels):
         p.error(f"two models share a label ({', '.join(labels)}); name them as LABEL=MODEL")
     args.name = args.name or time.strftime("compare-%Y%m%d-%H%M%S")
     return args
+
+
+def labelled(spec):
+    """"LABEL=MODEL" -> (LABEL, MODEL); a bare MODEL is labelled by its last path component."""
+    if "=" in spec:
+        label, path = spec.split("=", 1)
+        return label, path
+    return spec.rstrip("/").split("/")[-1], spec
 
 
 def read_prompts(args):
@@ -96,9 +106,9 @@ def held_out_accuracy(model, reference, pairs, device, batch_size=16):
     """Share of held-out pairs where the implicit reward log(pi / pi_ref) prefers the chosen response."""
     rewards = []
     for start in range(0, len(pairs), batch_size):
-        input_ids, labels = (t.to(device) for t in dpo_batch(pairs[start:start + batch_size]))
-        chosen, rejected = pair_logps(model, input_ids, labels)
-        ref_chosen, ref_rejected = pair_logps(reference, input_ids, labels)
+        batch = [t.to(device) for t in dpo_batch(pairs[start:start + batch_size])]
+        chosen, rejected = pair_logps(model, batch)
+        ref_chosen, ref_rejected = pair_logps(reference, batch)
         rewards.append(torch.stack([chosen - ref_chosen, rejected - ref_rejected], 1))
     rewards = torch.cat(rewards)
     return reward_accuracy(rewards[:, 0], rewards[:, 1]).item()
@@ -108,9 +118,8 @@ def held_out_accuracy(model, reference, pairs, device, batch_size=16):
 def compare(args):
     device = pick_device(args.device)
     tokenizer = get_tokenizer()
-    labelled = [spec.split("=", 1) if "=" in spec else (spec.rstrip("/").split("/")[-1], spec) for spec in args.model]
-    models = {label: GPT.from_pretrained(path, device).eval() for label, path in labelled}
-    ref_label = args.ref or labelled[0][0]
+    models = {label: GPT.from_pretrained(path, device).eval() for label, path in args.models}
+    ref_label = args.ref or args.models[0][0]
     reference = models[ref_label] if ref_label in models else GPT.from_pretrained(args.ref, device).eval()
     prompts = read_prompts(args)
     pairs = None

@@ -16,9 +16,9 @@ import time
 import torch
 
 from data import batch_indices, collate, load_preferences, sft_examples, tokenize_pairs
-from model import (IGNORE_INDEX, CtrlC, RunLog, UserError, autocast, load_model,
-                   lr_at, make_optimizer, pick_device, pick_dtype, resume, save_checkpoint, setup_cuda,
-                   training_arguments, user_errors)
+from model import IGNORE_INDEX, load_model
+from runs import (CtrlC, RunLog, compute_init, make_optimizer, parse_training_arguments, resume, save_checkpoint,
+                  scratch_shape, stop_on_non_finite, training_arguments, user_errors)
 
 # Defaults for GPT-2 small on HH-RLHF on one GPU: 64 examples a step, about 0.6 epochs of HH's 160k
 # pairs, so the reference stays short of convergence.
@@ -38,9 +38,23 @@ def parse_args(argv=None):
                         "both (the demo: an SFT model that shows both behaviours, so DPO has a choice to make)")
     parser.add_argument("--lr_decay_iters", type=int, help="the cosine decay ends here (default: max_iters); "
                         "set it to run part of a schedule now and --resume the rest later")
-    args = parser.parse(argv)
+    args = parse_training_arguments(parser, DEMO, argv)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
     return args
+
+
+def get_lr(step, args):
+    """The learning rate at an optimizer step: warmup, then cosine decay to a tenth of the peak."""
+    # 1) linear warmup over the first `warmup` steps
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    # 2) after lr_decay_iters, stay at the floor, a tenth of the peak
+    min_lr = args.lr / 10
+    if step >= args.lr_decay_iters:
+        return min_lr
+    # 3) in between, half a cosine from the peak down to the floor
+    progress = (step - args.warmup) / max(1, args.lr_decay_iters - args.warmup)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - min_lr)
 
 
 def sft_loss(model, input_ids, labels, n_tokens):
@@ -65,10 +79,7 @@ def evaluate(model, examples, args, ctx):
 
 def train(args):
     torch.manual_seed(args.seed)
-    args.device = pick_device(args.device)
-    args.dtype = pick_dtype(args.dtype, args.device)
-    if args.device.startswith("cuda"):
-        setup_cuda()
+    compute = compute_init(args)
 
     # data: every (prompt, response) of the target as one example; labels only on the response
     train_pairs = tokenize_pairs(load_preferences(args.data, "train"), args.max_len, args.max_prompt_len)
@@ -76,14 +87,11 @@ def train(args):
     train_examples = sft_examples(train_pairs, args.target)
     test_examples = sft_examples(test_pairs, args.target)
 
-    model = load_model(args.init, args, args.device)
+    model = load_model(args.init, args.device, args.dropout, args.max_len, scratch_shape(args))
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.device)
-    # fp16 overflows without loss scaling; bf16 has fp32's exponent range and needs none
-    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")
-    start = resume(args.out_dir, model, optimizer, scaler) if args.resume else 0
+    start = resume(args.out_dir, model, optimizer, compute.scaler) if args.resume else 0
     if args.compile:
         model.compile()  # in place: state_dict keys stay the same
-    ctx = autocast(args.device, args.dtype)
     log = RunLog(args.out_dir, start)
 
     first = train_examples[:1000]  # enough to estimate the mean
@@ -93,20 +101,22 @@ def train(args):
           f"~{mean_tokens * args.batch_size * args.grad_accum:.0f} response tokens")
 
     def save(step):
-        save_checkpoint(args.out_dir, model, optimizer, scaler, step, args)
+        save_checkpoint(args.out_dir, model, optimizer, compute.scaler, step, args)
 
     def log_eval(step):
-        loss = evaluate(model, test_examples, args, ctx)
+        loss = evaluate(model, test_examples, args, compute.autocast)
         log({"iter": step, "split": "test", "loss": loss, "ppl": math.exp(loss)})
 
     with CtrlC() as ctrl_c:
         for step in range(start, args.max_iters):
+            # evaluate, then save, every eval_interval steps. A resumed run skips the eval at its first
+            # step (the run it continues logged it) and saves only after a step of its own.
             if args.eval_interval and step % args.eval_interval == 0 and not (start and step == start):
                 log_eval(step)
                 if step > start:
                     save(step)
 
-            lr = lr_at(step, args.lr, args.warmup, args.lr_decay_iters)
+            lr = get_lr(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.time()
@@ -116,26 +126,25 @@ def train(args):
             # k micro-batches then add up to exactly the gradient of one batch k times larger, however
             # the response lengths differ. (Averaging each micro-batch's own mean, then dividing by k,
             # weighs a token of a short micro-batch more than one of a long micro-batch.)
-            micro_batches = [collate([train_examples[i] for i in batch_indices(
-                len(train_examples), args.batch_size, step * args.grad_accum + m, args.seed)])
-                for m in range(args.grad_accum)]
+            micro_batches = []
+            for micro in range(args.grad_accum):
+                indices = batch_indices(len(train_examples), args.batch_size, step * args.grad_accum + micro, args.seed)
+                micro_batches.append(collate([train_examples[i] for i in indices]))
             n_tokens = sum((labels != IGNORE_INDEX).sum().item() for _, labels in micro_batches)
             loss_sum, n_seen = 0.0, 0
             for input_ids, labels in micro_batches:
                 input_ids, labels = input_ids.to(args.device), labels.to(args.device)
-                with ctx:
+                with compute.autocast:
                     loss = sft_loss(model, input_ids, labels, n_tokens)
-                scaler.scale(loss).backward()
+                compute.scaler.scale(loss).backward()
                 loss_sum += loss.detach()  # stays on the device: no CPU-GPU sync per micro-batch
                 n_seen += input_ids.numel()
-            loss_value = float(loss_sum)
-            if not math.isfinite(loss_value):
-                raise UserError(f"loss is {loss_value} at step {step}; stopped, the last good checkpoint in "
-                                f"{args.out_dir} is kept. Try a lower --lr or --dtype bfloat16")
-            scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
+            loss_value = float(loss_sum)  # the step's one device-to-host copy
+            stop_on_non_finite(loss_value, step, args)
+            compute.scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
+            compute.scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+            compute.scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
             dt = time.time() - t0

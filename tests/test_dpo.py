@@ -25,7 +25,7 @@ def toy_batch(n=8):
 def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     model = tiny_model()
     input_ids, labels = dpo_batch(toy_batch())
-    chosen, rejected = dpo.pair_logps(model, input_ids, labels)
+    chosen, rejected = dpo.pair_logps(model, (input_ids, labels))
     losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(chosen, rejected, chosen.detach(), rejected.detach(), 0.1)
     assert torch.equal(losses, torch.full_like(losses, math.log(2)))
     assert torch.equal(chosen_rewards, torch.zeros_like(chosen_rewards))
@@ -38,18 +38,18 @@ def test_sigmoid_gradient_is_the_papers_weighted_difference_of_log_prob_gradient
     policy, reference, beta = tiny_model(0), tiny_model(1), 0.5
     input_ids, labels = dpo_batch(toy_batch(1))
     with torch.no_grad():
-        ref_chosen, ref_rejected = dpo.pair_logps(reference, input_ids, labels)
+        ref_chosen, ref_rejected = dpo.pair_logps(reference, (input_ids, labels))
 
     def grad_of(scalar):
         policy.zero_grad()
         scalar.backward()
         return torch.cat([p.grad.flatten() for p in policy.parameters()])
 
-    chosen, rejected = dpo.pair_logps(policy, input_ids, labels)
+    chosen, rejected = dpo.pair_logps(policy, (input_ids, labels))
     grad_chosen = grad_of(chosen.sum())
-    chosen, rejected = dpo.pair_logps(policy, input_ids, labels)
+    chosen, rejected = dpo.pair_logps(policy, (input_ids, labels))
     grad_rejected = grad_of(rejected.sum())
-    chosen, rejected = dpo.pair_logps(policy, input_ids, labels)
+    chosen, rejected = dpo.pair_logps(policy, (input_ids, labels))
     h = ((chosen - ref_chosen) - (rejected - ref_rejected)).detach()
     grad_loss = grad_of(dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)[0].sum())
     expected = -beta * torch.sigmoid(-beta * h) * (grad_chosen - grad_rejected)
@@ -75,16 +75,16 @@ def test_ipo_and_conservative_dpo_match_hand_computed_values():
 def test_one_concatenated_pass_equals_separate_passes_and_padding_changes_nothing():
     model, pairs = tiny_model(), toy_batch(4)
     input_ids, labels = dpo_batch(pairs)
-    chosen, rejected = dpo.pair_logps(model, input_ids, labels)
+    chosen, rejected = dpo.pair_logps(model, (input_ids, labels))
     for i, pair in enumerate(pairs):
         alone_ids, alone_labels = dpo_batch([pair])  # this pair's own width: less padding
-        alone_chosen, alone_rejected = dpo.pair_logps(model, alone_ids, alone_labels)
+        alone_chosen, alone_rejected = dpo.pair_logps(model, (alone_ids, alone_labels))
         torch.testing.assert_close(alone_chosen[0], chosen[i], atol=1e-10, rtol=0)
         torch.testing.assert_close(alone_rejected[0], rejected[i], atol=1e-10, rtol=0)
     # 20 more columns of padding: causal attention means no real position can see them
     wide_ids = F.pad(input_ids, (0, 20), value=123)
     wide_labels = F.pad(labels, (0, 20), value=-100)
-    wide_chosen, wide_rejected = dpo.pair_logps(model, wide_ids, wide_labels)
+    wide_chosen, wide_rejected = dpo.pair_logps(model, (wide_ids, wide_labels))
     torch.testing.assert_close(wide_chosen, chosen, atol=1e-10, rtol=0)
     torch.testing.assert_close(wide_rejected, rejected, atol=1e-10, rtol=0)
 
@@ -95,8 +95,8 @@ def test_accumulating_four_micro_batches_of_two_equals_one_batch_of_eight():
     def loss_sum(batch_pairs):
         input_ids, labels = dpo_batch(batch_pairs)
         with torch.no_grad():
-            ref = dpo.pair_logps(reference, input_ids, labels)
-        return dpo.dpo_loss(*dpo.pair_logps(policy, input_ids, labels), *ref, 0.1)[0].sum()
+            ref = dpo.pair_logps(reference, (input_ids, labels))
+        return dpo.dpo_loss(*dpo.pair_logps(policy, (input_ids, labels)), *ref, 0.1)[0].sum()
 
     (loss_sum(pairs) / 8).backward()
     one_batch = torch.cat([p.grad.flatten() for p in policy.parameters()])
@@ -187,8 +187,8 @@ def test_packed_rows_give_the_same_log_probs_and_gradients_as_stacked_rows():
                            verbose=False)[:6]
     stacked, packed = dpo_batch(pairs), packed_dpo_batch(pairs)
     assert packed[0].numel() < 0.75 * stacked[0].numel()  # the point: far fewer tokens
-    chosen, rejected = dpo.pair_logps(model, *stacked)
-    packed_chosen, packed_rejected = dpo.pair_logps(model, *packed)
+    chosen, rejected = dpo.pair_logps(model, stacked)
+    packed_chosen, packed_rejected = dpo.pair_logps(model, packed)
     torch.testing.assert_close(packed_chosen, chosen, atol=1e-10, rtol=0)
     torch.testing.assert_close(packed_rejected, rejected, atol=1e-10, rtol=0)
     grads = torch.autograd.grad(chosen.sum() - 2 * rejected.sum(), list(model.parameters()))

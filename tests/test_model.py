@@ -19,7 +19,9 @@ from safetensors.torch import load_file, save_file
 
 import model
 from conftest import make_hf_gpt2, run_script
-from model import GPT, GPT2_SIZES, GPTConfig, UserError
+import runs
+from model import GPT, GPT2_SIZES, GPTConfig
+from runs import UserError
 
 # Tiny GPT-2 shapes, as make_hf_gpt2 keyword arguments. A small vocabulary keeps most tests fast; the
 # full 50257 catches anything that depends on the real vocabulary size (the head, <|endoftext|>).
@@ -163,12 +165,6 @@ def labels_for(idx, prompt_lengths, lengths):
     return labels
 
 
-def reference_logps(gpt, idx, labels):
-    """The plain way: all logits, log-softmax over the vocabulary, gather at the labels."""
-    logps = gpt(idx).log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return logps * (labels != model.IGNORE_INDEX)
-
-
 @pytest.mark.parametrize("rows_per_chunk", [None, 3], ids=["default_chunks", "3_rows_per_chunk"])
 def test_token_logps_equal_full_log_softmax(monkeypatch, rows_per_chunk):
     if rows_per_chunk is not None:
@@ -185,7 +181,7 @@ def test_token_logps_equal_full_log_softmax(monkeypatch, rows_per_chunk):
     (logps * weights).sum().backward()
     grads = {name: p.grad.clone() for name, p in gpt.named_parameters()}
     gpt.zero_grad()
-    expected = reference_logps(gpt, idx, labels)
+    expected = model.label_logps(gpt(idx), labels)  # the plain two-line version
     (expected * weights).sum().backward()
 
     assert logps.dtype == torch.float32 and logps.shape == labels.shape
@@ -304,7 +300,7 @@ def test_published_parameter_counts(name, count):
 def trained_for_one_step():
     """A tiny model and an AdamW that has taken one step, so the optimizer has state to save."""
     gpt = tiny_gpt(rough=False)
-    optimizer = model.make_optimizer(gpt, lr=1e-3, weight_decay=0.1, device="cpu")
+    optimizer = runs.make_optimizer(gpt, lr=1e-3, weight_decay=0.1, device="cpu")
     idx = random_tokens(64, (2, 8))
     F.cross_entropy(gpt(idx)[:, :-1].reshape(-1, 64), idx[:, 1:].reshape(-1)).backward()
     optimizer.step()
@@ -315,7 +311,7 @@ def test_checkpoint_has_plain_types_only(tmp_path):
     gpt, optimizer = trained_for_one_step()
     args = argparse.Namespace(lr=1e-3, data="toy", compile=False, out_dir=str(tmp_path), betas=[0.9, 0.95])
     rng_at_save = torch.get_rng_state()
-    model.save_checkpoint(str(tmp_path), gpt, optimizer, None, 7, args)
+    runs.save_checkpoint(str(tmp_path), gpt, optimizer, None, 7, args)
 
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # fails if any class was pickled
     assert {"model", "config", "optimizer", "iter", "args", "rng"} <= set(checkpoint)
@@ -337,7 +333,7 @@ def test_checkpoint_has_plain_types_only(tmp_path):
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     gpt, optimizer = trained_for_one_step()
     args = argparse.Namespace(lr=1e-3)
-    model.save_checkpoint(str(tmp_path), gpt, optimizer, None, 1, args)
+    runs.save_checkpoint(str(tmp_path), gpt, optimizer, None, 1, args)
 
     written_to = []
 
@@ -348,9 +344,9 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
             f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(model.torch, "save", crash_midway)
+    monkeypatch.setattr(runs.torch, "save", crash_midway)
     with pytest.raises(OSError, match="No space left"):
-        model.save_checkpoint(str(tmp_path), gpt, optimizer, None, 2, args)
+        runs.save_checkpoint(str(tmp_path), gpt, optimizer, None, 2, args)
     monkeypatch.undo()
 
     assert written_to and written_to[0] != str(tmp_path / "ckpt.pt")  # the partial bytes went elsewhere
@@ -388,13 +384,13 @@ def test_state_of_another_shape_names_the_key_and_both_shapes():
     before = {k: v.clone() for k, v in gpt.state_dict().items()}
 
     bigger_vocab = tiny_gpt(rough=False, vocab_size=65).state_dict()
-    message = one_line_user_error(lambda: model.load_state(gpt, bigger_vocab, where="ckpt.pt"))
+    message = one_line_user_error(lambda: gpt.load_weights(bigger_vocab, where="ckpt.pt"))
     assert "ckpt.pt" in message and "transformer.wte.weight" in message  # the first mismatch, in order
     assert "(65, 32)" in message and "(64, 32)" in message
 
     one_layer_off = dict(gpt.state_dict())
     one_layer_off["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(100, 32)
-    message = one_line_user_error(lambda: model.load_state(gpt, one_layer_off))
+    message = one_line_user_error(lambda: gpt.load_weights(one_layer_off))
     assert "transformer.h.1.mlp.c_fc.weight" in message and "(100, 32)" in message and "(128, 32)" in message
 
     for key, tensor in gpt.state_dict().items():  # a refused state leaves the model as it was

@@ -11,7 +11,8 @@ import torch
 import sft
 from conftest import HH_TEST, ROOT, TINY, needs_hh, read_log, run_script
 from data import collate, sft_examples, toy_pairs, tokenize_pairs
-from model import GPT, GPTConfig, IGNORE_INDEX, load_checkpoint
+from model import GPT, GPTConfig, IGNORE_INDEX
+from runs import load_checkpoint
 
 
 def _grads(model):
@@ -135,15 +136,15 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(flags, message, capsys):
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
-    from model import lr_at
-    assert [lr_at(s, 1.0, 4, 10) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # linear warmup
-    assert lr_at(4, 1.0, 4, 10) == 1.0 and lr_at(7, 1.0, 4, 10) == pytest.approx(0.55)  # cosine midpoint
-    assert lr_at(10, 1.0, 4, 10) == pytest.approx(0.1) and lr_at(50, 1.0, 4, 10) == pytest.approx(0.1)
-    assert lr_at(50, 1.0, 4, 10, decay=False) == 1.0  # DPO: constant after warmup, as in the paper
+    import argparse
+    args = argparse.Namespace(lr=1.0, warmup=4, lr_decay_iters=10)
+    assert [sft.get_lr(s, args) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # linear warmup
+    assert sft.get_lr(4, args) == 1.0 and sft.get_lr(7, args) == pytest.approx(0.55)  # cosine midpoint
+    assert sft.get_lr(10, args) == pytest.approx(0.1) and sft.get_lr(50, args) == pytest.approx(0.1)
 
 
 def test_a_resumed_log_drops_the_records_after_the_checkpoint(tmp_path):
-    from model import RunLog
+    from runs import RunLog
     log = RunLog(tmp_path)
     for step in range(1, 6):
         log({"iter": step, "split": "train", "loss": 1.0})
