@@ -1,7 +1,7 @@
 """data.py: sources, the prompt/response split, truncation, masks and batches, and the errors a user sees.
 
-Most DPO bugs are data bugs, so these tests check exact numbers on the real HH-RLHF file and exact
-tensors on hand-made pairs, rather than only that something ran.
+Most DPO bugs are data bugs, so these tests check exact numbers on real HH-RLHF pairs (the excerpt in
+examples/) and exact tensors on hand-made pairs, rather than only that something ran.
 """
 import collections
 import gzip
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import data
-from conftest import HH_TEST, needs_hh, run_script
+from conftest import HH_TEST, run_script
 from model import IGNORE_INDEX, UserError
 
 HH_DIR = os.path.dirname(HH_TEST)
@@ -39,7 +39,7 @@ def hh_pairs(hh_records):
 
 @pytest.fixture(scope="module")
 def hh_full(hh_pairs, tokenizer):
-    """HH pairs tokenized with room for everything: the longest prompt + response + EOS is 1021 tokens,
+    """HH pairs tokenized with room for everything: the longest prompt + response + EOS is 938 tokens,
     so with max_len 1100 neither branch of the truncation can fire."""
     return data.tokenize_pairs(hh_pairs, max_len=1100, max_prompt_len=1000, tokenizer=tokenizer, verbose=False)
 
@@ -61,16 +61,14 @@ def numbered_rows(n):
 # ----------------------------------------------------------------------------------------------------
 # Real HH-RLHF pairs: the split, the round trip, and the trained tokens
 
-@needs_hh
 def test_hh_split_counts(hh_records):
-    # the numbers of the file's README: 2,312 pairs, 5 with different conversations, 4 empty chosen replies
+    # the numbers of the excerpt's README: 512 records, one with an empty chosen reply (line 87)
     pairs, dropped = data.split_dialogues(hh_records)
-    assert len(hh_records) == 2312
-    assert len(pairs) == 2303
-    assert dropped == {"prompt mismatch": 5, "empty response": 4, "no assistant turn": 0}
+    assert len(hh_records) == 512
+    assert len(pairs) == 511
+    assert dropped == {"prompt mismatch": 0, "empty response": 1, "no assistant turn": 0}
 
 
-@needs_hh
 def test_hh_prompt_plus_response_is_the_dialogue(hh_records, hh_pairs):
     # kept pairs come out in file order, so walk the records once and find each pair's own record
     records = iter(hh_records)
@@ -84,7 +82,6 @@ def test_hh_prompt_plus_response_is_the_dialogue(hh_records, hh_pairs):
         assert pair["chosen"].strip() and pair["rejected"].strip()
 
 
-@needs_hh
 def test_hh_labels_decode_to_response_and_eos(hh_pairs, hh_full, tokenizer):
     assert len(hh_full) == len(hh_pairs)
     for pair, tokens in zip(hh_pairs, hh_full):
@@ -99,15 +96,14 @@ def test_hh_labels_decode_to_response_and_eos(hh_pairs, hh_full, tokenizer):
             assert tokenizer.decode(trained) == pair[field] + EOS_TEXT
 
 
-@needs_hh
 def test_hh_directory_holds_out_every_20th_pair(hh_records, hh_pairs, capsys):
-    # the directory holds only test.jsonl.gz, so load_preferences splits that one file itself
+    # the directory holds only test.jsonl.gz (and its README), so load_preferences splits that one file itself
     train = data.load_preferences(HH_DIR, "train")
     test = data.load_preferences(HH_DIR, "test")
     lines = capsys.readouterr().out.splitlines()
-    # one summary line per call; all 9 dropped records fall outside the held-out positions (19, 39, ...)
-    assert lines == [f"data: {HH_DIR} [train]: kept 2188 pairs, dropped 9 (5 prompt mismatch, 4 empty response)",
-                     f"data: {HH_DIR} [test]: kept 115 pairs, dropped 0 (none)"]
+    # one summary line per call; the one dropped record (position 86) falls outside the held-out 19, 39, ...
+    assert lines == [f"data: {HH_DIR} [train]: kept 486 pairs, dropped 1 (1 empty response)",
+                     f"data: {HH_DIR} [test]: kept 25 pairs, dropped 0 (none)"]
     held_out, _ = data.split_dialogues(hh_records[19::20])
     assert as_tuples(test) == as_tuples(held_out)
     # disjoint, and together exactly the kept pairs (the file has no duplicate pairs, so sets suffice)
@@ -115,7 +111,6 @@ def test_hh_directory_holds_out_every_20th_pair(hh_records, hh_pairs, capsys):
     assert collections.Counter(as_tuples(train) + as_tuples(test)) == collections.Counter(as_tuples(hh_pairs))
 
 
-@needs_hh
 def test_hh_truncation_invariants(hh_pairs, hh_full, tokenizer, capsys):
     max_len, max_prompt_len = 128, 64
     cut = data.tokenize_pairs(hh_pairs, max_len, max_prompt_len, tokenizer)
@@ -184,7 +179,6 @@ def test_dpo_batch_exact_tensors():
                                [12, E, I, I, I]]
 
 
-@needs_hh
 def test_dpo_batch_on_real_pairs(hh_pairs, tokenizer):
     tokenized = data.tokenize_pairs(hh_pairs[:8], 256, 128, tokenizer, verbose=False)
     input_ids, labels = data.dpo_batch(tokenized)
