@@ -5,7 +5,8 @@ response, truncation cutting the wrong end), so every step here is explicit and 
 
     source -> load_preferences -> [{"prompt", "chosen", "rejected"}] (text)
            -> tokenize_pairs   -> prompt / chosen / rejected token ids, EOS appended, truncated to fit
-           -> sft_batch / dpo_batch -> padded input_ids and labels (IGNORE_INDEX on prompt and padding)
+           -> sft_examples + collate / dpo_batch / packed_dpo_batch
+                               -> input_ids and labels (IGNORE_INDEX on prompt and padding)
 
 Sources: `toy` (a synthetic task with a known reward, no download); a hub dataset by name (`NAME`, or
 one of its data directories as `NAME:DIR`, e.g. `Anthropic/hh-rlhf:helpful-base`); one local file
@@ -40,6 +41,7 @@ import json
 import os
 import random
 import re
+import sys
 import zlib
 
 import torch
@@ -176,11 +178,11 @@ def _load_hub(source, split_name):
     if chosen_split not in names:
         raise UserError(f"{source} has no split {split_name!r}; its splits are {', '.join(names)}")
     try:
-        rows = datasets.load_dataset(name, data_dir=data_dir or None, split=chosen_split).to_list()
+        records = datasets.load_dataset(name, data_dir=data_dir or None, split=chosen_split).to_list()
     except Exception as e:
         raise UserError(f"could not load {name} [{chosen_split}] from the Hugging Face hub "
                         f"({_first_line_of_cause(e)}); check the network and the name") from None
-    numbered = [(f"{source} [{chosen_split}] row {number}", row) for number, row in enumerate(rows, start=1)]
+    numbered = [(f"{source} [{chosen_split}] row {number}", record) for number, record in enumerate(records, start=1)]
     return numbered, held_out
 
 
@@ -237,10 +239,10 @@ def _read_table(path, file_type):
     options = {} if builder == "parquet" else {"keep_default_na": False}
     with _quiet_datasets() as datasets:
         try:
-            rows = datasets.load_dataset(builder, data_files=path, split="train", **options).to_list()
+            records = datasets.load_dataset(builder, data_files=path, split="train", **options).to_list()
         except Exception as e:
             raise UserError(f"{path}: not a readable {builder} file ({_first_line_of_cause(e)})") from None
-    return [(f"{path}: row {number}", row) for number, row in enumerate(rows, start=1)]
+    return [(f"{path}: row {number}", record) for number, record in enumerate(records, start=1)]
 
 
 @contextlib.contextmanager
@@ -506,10 +508,14 @@ def tokenize_pairs(pairs, max_len=512, max_prompt_len=256, tokenizer=None, verbo
 
     Prompt and responses are encoded separately and joined, so the boundary is exact (encoding the
     joined text could merge the prompt's last characters with the response's first into one token).
-    Truncation, as in the DPO reference implementation: if prompt + longer response exceeds max_len,
-    the prompt keeps its last max_prompt_len tokens (the end of a conversation is what the reply
-    answers); if it still does not fit, both responses keep their first max_len - prompt tokens (and
-    lose their EOS).
+
+    Truncation, when prompt + longer response exceeds max_len:
+    1) the prompt keeps its last max_prompt_len tokens (the end of a conversation is what the reply
+       answers), as the authors' code does for HH (for other data it keeps the start);
+    2) if the pair still does not fit, both responses keep their first max_len - len(prompt) tokens (and
+       lose their EOS). The authors' code cuts them to max_len - max_prompt_len instead; the two agree
+       when step 1 cut the prompt, but theirs also cuts responses after a short prompt that left room,
+       while ours uses all of max_len.
     """
     if not 0 < max_prompt_len < max_len:
         raise UserError(f"--max_prompt_len ({max_prompt_len}) must be positive and below --max_len ({max_len})")
@@ -574,16 +580,21 @@ def dpo_batch(tokenized):
 
 
 def packed_dpo_batch(tokenized):
-    """Each pair as ONE row that holds its prompt once: prompt, chosen, rejected. dpo_batch runs every
-    prompt twice, and prompts are often longer than responses (on HH pairs under 256 tokens, 76 tokens
-    against 34 and 41), so this sends far fewer tokens through the blocks.
+    """Each pair as ONE sequence that holds its prompt once: prompt, chosen, rejected. dpo_batch runs
+    every prompt twice, and prompts are often longer than responses (see PERFORMANCE.md for HH), so this
+    sends fewer tokens through the blocks.
 
     Returns input_ids, labels (2, B, W): the chosen plane then the rejected plane, positions and
     segments (B, W). Each response continues the prompt's positions, and GPT.forward lets a token see
     the prompt (segment 0) and its own response (1 chosen, 2 rejected), never the other response, so
-    every log-prob equals dpo_batch's. The prompt's last token predicts the first token of both
-    responses: it carries a label in both planes."""
-    rows = []
+    every log-prob equals dpo_batch's.
+
+    The label shift is done here, not in example(): the rejected response sits after the chosen one but
+    continues the prompt, so one shift of the whole sequence would be wrong at the joins, and each
+    plane's labels are laid out by hand. labels[t] is still the token that follows input_ids[t] in that
+    response's own prompt + response; the prompt's last token predicts the first token of both
+    responses, so it carries a label in both planes."""
+    packed = []
     for t in tokenized:
         prompt, chosen, rejected = t["prompt"], t["chosen"], t["rejected"]
         p, c, r = len(prompt), len(chosen), len(rejected)
@@ -592,13 +603,13 @@ def packed_dpo_batch(tokenized):
         segments = [0] * p + [1] * (c - 1) + [2] * (r - 1)
         chosen_labels = [IGNORE_INDEX] * (p - 1) + chosen + [IGNORE_INDEX] * (r - 1)
         rejected_labels = [IGNORE_INDEX] * (p - 1) + rejected[:1] + [IGNORE_INDEX] * (c - 1) + rejected[1:]
-        rows.append((ids, chosen_labels, rejected_labels, positions, segments))
-    width = max(len(row[0]) for row in rows)
-    input_ids = torch.full((len(rows), width), EOS, dtype=torch.long)
-    labels = torch.full((2, len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    segments = torch.full((len(rows), width), 3, dtype=torch.long)  # padding: a segment of its own
-    for b, (ids, chosen_labels, rejected_labels, pos, seg) in enumerate(rows):
+        packed.append((ids, chosen_labels, rejected_labels, positions, segments))
+    width = max(len(ids) for ids, *_ in packed)
+    input_ids = torch.full((len(packed), width), EOS, dtype=torch.long)
+    labels = torch.full((2, len(packed), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(packed), width), dtype=torch.long)
+    segments = torch.full((len(packed), width), 3, dtype=torch.long)  # padding: a segment of its own
+    for b, (ids, chosen_labels, rejected_labels, pos, seg) in enumerate(packed):
         input_ids[b, :len(ids)] = torch.tensor(ids)
         labels[0, b, :len(ids)] = torch.tensor(chosen_labels)
         labels[1, b, :len(ids)] = torch.tensor(rejected_labels)
@@ -642,22 +653,38 @@ def inspect(source, split, max_len, max_prompt_len, split_name=None):
         print(f"{position:5d} {token:6d} {tokenizer.decode([token])!r:<20} -> {target}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default once: argparse's own, except where the help text states a computed one."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--inspect", action="store_true", help="print the summary, lengths and one example")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--inspect", action="store_true",
+                        help="print the load summary, the first pair as text, token lengths and one example")
     parser.add_argument("--data", default="toy", help="a hub name (NAME or NAME:DIR), a directory of split "
                         "files, a .jsonl/.json/.parquet/.csv file, or toy")
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", default="train", choices=("train", "test"), help="which split to show")
     parser.add_argument("--split_name", help="that split's name in the source, e.g. train_prefs (default: the "
                         "value of --split)")
-    parser.add_argument("--max_len", type=int, default=512)
-    parser.add_argument("--max_prompt_len", type=int, help="default: max_len / 2, as in training")
+    parser.add_argument("--max_len", type=int, default=512, help="tokens of prompt + response, at most")
+    parser.add_argument("--max_prompt_len", type=int, help="tokens a too-long prompt is cut to, its end kept "
+                        "(default: max_len / 2, as in training)")
     args = parser.parse_args(argv)
     args.max_prompt_len = args.max_prompt_len or args.max_len // 2
     if not args.inspect:
         parser.error("nothing to do: pass --inspect")
-    with user_errors():
-        inspect(args.data, args.split, args.max_len, args.max_prompt_len, args.split_name)
+    try:
+        with user_errors():
+            inspect(args.data, args.split, args.max_len, args.max_prompt_len, args.split_name)
+        sys.stdout.flush()  # here, not at exit: a reader that stopped early is caught below
+    except BrokenPipeError:
+        # the reader stopped (`| head`): stop quietly, as Unix tools do; stdout goes to devnull so that
+        # Python's own flush at exit does not fail on the closed pipe a second time
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,16 @@ import collections
 import gzip
 import json
 import os
+import re
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 import data
-from conftest import HH_TEST, run_script
+from conftest import HH_TEST, ROOT, run_script
 from model import IGNORE_INDEX, UserError
 
 HH_DIR = os.path.dirname(HH_TEST)
@@ -473,6 +476,29 @@ def test_inspect_toy_cli(tokenizer):
     assert sum(line.endswith("-> .") for line in view) == len(first["prompt"]) - 1
     assert view[0].split()[:2] == ["0", str(first["prompt"][0])]
     assert view[-1].endswith(f"-> {EOS_TEXT!r}")
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly():
+    # `python data.py --inspect | head`: once head has stopped reading, stop without a BrokenPipeError
+    # traceback. Closing our end before the child writes makes its writes fail, every time; stdout
+    # buffered, as users have it, so the failure comes at the last flush, the case Python reports at exit.
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), "--inspect", "--data", "toy"],
+                               cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert stderr.decode() == "" and process.returncode == 1
+
+
+def test_help_shows_every_default_once(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["--help"])
+    assert exit_info.value.code == 0
+    options = re.split(r"\n  (?=-)", capsys.readouterr().out.split("\noptions:\n")[1])
+    assert [option.split()[0] for option in options] == ["-h,", "--inspect", "--data", "--split", "--split_name",
+                                                         "--max_len", "--max_prompt_len"]
+    for option in options[1:]:  # all but --help
+        assert " ".join(option.split()).count("(default: ") == 1, option
 
 
 def test_cli_without_inspect_is_a_usage_error(capsys):
