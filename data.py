@@ -79,6 +79,8 @@ def load_preferences(source, split="train", verbose=True, *, split_name=None):
         raise UserError(f"split {split!r}: the splits are train and test (name the source's own with split_name)")
     split_name = split_name or split
     if source == "toy":
+        if split_name != split:
+            raise UserError(f"toy has no split {split_name!r}: its splits are train and test")
         pairs, dropped, format_name, held_out = toy_pairs(split), collections.Counter(), "toy", False
     else:
         numbered, held_out = _read_source(source, split_name)
@@ -126,17 +128,22 @@ def _file_type(path):
 
 
 def _split_files(directory):
-    """{split name: [paths]}: NAME.TYPE files, or, where a data/ folder exists, the hub's data/NAME-*.TYPE
-    shards (a hub snapshot's top level holds metadata, not splits)."""
-    hub_data = os.path.join(directory, "data")
-    folder = hub_data if os.path.isdir(hub_data) else directory
+    """{split name: [paths]}: the hub's data/NAME-*.TYPE shards where data/ holds any (a hub snapshot's
+    top level holds metadata, not splits), else the NAME.TYPE files of the directory itself."""
+    hub_splits = _named_files(os.path.join(directory, "data"), shards=True)
+    return hub_splits or _named_files(directory, shards=False)
+
+
+def _named_files(folder, shards):
     splits = collections.defaultdict(list)
+    if not os.path.isdir(folder):
+        return splits
     for file_name in sorted(os.listdir(folder)):
         file_type = _file_type(file_name)
         if file_type is None or not os.path.isfile(os.path.join(folder, file_name)):
             continue
         name = file_name[:-len(file_type)]
-        if folder == hub_data:
+        if shards:
             name = name.split("-")[0]  # train-00000-of-00002: split names have no "-" on the hub
         splits[name].append(os.path.join(folder, file_name))
     return splits

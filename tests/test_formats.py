@@ -224,7 +224,13 @@ def test_directory_layouts(tmp_path, capsys):
                                                        "(none); format: prompt/chosen/rejected text")
     with pytest.raises(UserError, match=r"hub has no split 'train'; its splits are test_prefs, train_prefs$"):
         data.load_preferences(str(hub), "train")
-    # one file has no named splits: its train and test are the hold-out
+    # a data/ folder that holds no split files is not the hub's layout: the split files beside it count
+    (mixed / "data").mkdir()
+    (mixed / "data" / "notes.txt").write_text("how the pairs were collected")
+    assert data.load_preferences(str(mixed), "test", verbose=False) == rows[40:]
+    # one file, and toy, have no named splits: their train and test are fixed
+    with pytest.raises(UserError, match="toy has no split 'train_prefs'"):
+        data.load_preferences("toy", "train", split_name="train_prefs")
     with pytest.raises(UserError, match="train.jsonl is one file, so it has no split 'train_prefs'"):
         data.load_preferences(str(mixed / "train.jsonl"), "train", split_name="train_prefs")
 
