@@ -5,20 +5,44 @@ response, truncation cutting the wrong end), so every step here is explicit and 
 
     source -> load_preferences -> [{"prompt", "chosen", "rejected"}] (text)
            -> tokenize_pairs   -> prompt / chosen / rejected token ids, EOS appended, truncated to fit
-           -> sft_batch / dpo_batch -> padded input_ids and labels (IGNORE_INDEX on prompt and padding)
+           -> sft_examples + collate / dpo_batch / packed_dpo_batch
+                               -> input_ids and labels (IGNORE_INDEX on prompt and padding)
 
-Sources: a hub dataset (`Anthropic/hh-rlhf`, or one subset as `Anthropic/hh-rlhf:helpful-base`), a
-local directory in the hub's layout (`train.jsonl.gz`, `test.jsonl.gz`), one .jsonl/.json file, or
-`toy`, a synthetic task with a known reward that needs no download.
+Sources: `toy` (a synthetic task with a known reward, no download); a hub dataset by name (`NAME`, or
+one of its data directories as `NAME:DIR`, e.g. `Anthropic/hh-rlhf:helpful-base`); one local file
+(.jsonl, .json, .parquet, .csv, or .gz of the text ones); or a directory of split files, named by
+split (`train.jsonl`, `test.parquet`, ...) or in the hub's layout (`data/train-00000-of-00001.parquet`).
+A source with a single split (one file, one split file, a hub dataset with one split) holds out every
+20th record as the test split.
+
+Formats, detected from the fields of each record (one format per source):
+
+    prompt/chosen/rejected text   {"prompt": "...", "chosen": "...", "rejected": "..."}, taken as they are
+    HH dialogues                  {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}: split after
+                                  the last "\\n\\nAssistant:" (Anthropic's HH-RLHF)
+    shared-start text             {"chosen": "...", "rejected": "..."} without HH markers: the prompt is the
+                                  longest run of whole words both texts start with
+    conversational                {"chosen": [{"role": "user", "content": ...}, ...], "rejected": [...]}, with
+                                  an optional "prompt" (messages, or text as one user message): rendered as
+                                  HH text (render_hh), the last assistant message being the response
+    Stanford SHP                  {"history", "human_ref_A", "human_ref_B", "labels", "score_A", "score_B"}:
+                                  the labelled-preferred reply is chosen; pairs whose scores differ by less
+                                  than a factor of 2 are dropped, as in the DPO authors' reference
+                                  implementation (Rafailov, Sharma, Mitchell et al.,
+                                  github.com/eric-mitchell/direct-preference-optimization)
 
     python data.py --inspect --data toy
 """
 import argparse
+import collections
+import contextlib
 import gzip
 import json
 import os
 import random
 import re
+import sys
+import zlib
 
 import torch
 
@@ -26,8 +50,12 @@ from model import IGNORE_INDEX
 from runs import UserError, user_errors
 
 EOS = 50256           # <|endoftext|>: appended to every response and trained on, so the model learns to stop
+HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
-HELD_OUT_EVERY = 20   # a source with one file only: every 20th pair is the test split (5%)
+HELD_OUT_EVERY = 20   # a source with one split only: every 20th record is the test split (5%)
+SHP_FIELDS = ("history", "human_ref_A", "human_ref_B", "labels")
+SHP_MIN_SCORE_RATIO = 2
+FILE_TYPES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".csv.gz", ".parquet")  # parquet compresses itself
 
 
 def get_tokenizer():
@@ -41,133 +69,398 @@ def get_tokenizer():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sources -> list of {"prompt", "chosen", "rejected"}
+# Sources -> records (one dict per line, item or row) -> list of {"prompt", "chosen", "rejected"}
 
-def load_preferences(source, split="train", verbose=True):
-    """Preference pairs of one split as text; prints one line: kept, and dropped for which reason."""
+def load_preferences(source, split="train", verbose=True, *, split_name=None):
+    """Preference pairs of one split as text; prints one line: pairs kept, dropped for which reason, format.
+
+    split is the role, "train" or "test"; split_name is that split's name in the source when it differs
+    (e.g. "train_prefs" of a hub dataset, or of a directory holding train_prefs.jsonl)."""
+    if split not in ("train", "test"):
+        raise UserError(f"split {split!r}: the splits are train and test (name the source's own with split_name)")
+    split_name = split_name or split
     if source == "toy":
-        pairs, dropped = toy_pairs(split), {}
+        if split_name != split:
+            raise UserError(f"toy has no split {split_name!r}: its splits are train and test")
+        pairs, dropped, format_name, held_out = toy_pairs(split), collections.Counter(), "toy", False
     else:
-        records = _read_records(source, split)
-        pairs, dropped = split_dialogues(records)
+        numbered, held_out = _read_source(source, split_name)
+        records, locations = [record for _, record in numbered], [where for where, _ in numbered]
+        format_name, outcomes = records_to_pairs(records, locations)
+        if held_out:
+            outcomes = _hold_out(outcomes, split, source)
+        pairs = [outcome for outcome in outcomes if isinstance(outcome, dict)]
+        dropped = collections.Counter(outcome for outcome in outcomes if isinstance(outcome, str))
     if verbose:
-        reasons = ", ".join(f"{n} {why}" for why, n in dropped.items() if n) or "none"
-        print(f"data: {source} [{split}]: kept {len(pairs)} pairs, dropped {sum(dropped.values())} ({reasons})")
+        reasons = ", ".join(f"{n} {why}" for why, n in dropped.items()) or "none"
+        hold_out = f"; every {HELD_OUT_EVERY}th record held out for test" if held_out else ""
+        print(f"data: {source} [{split_name}]: kept {len(pairs)} pairs, dropped {sum(dropped.values())} "
+              f"({reasons}); format: {format_name}{hold_out}")
     if not pairs:
-        raise UserError(f"{source} [{split}] has no usable preference pairs")
+        raise UserError(f"{source} [{split_name}] has no usable preference pairs")
     return pairs
 
 
-def _read_records(source, split):
-    """Raw records ({"chosen", "rejected"} and maybe "prompt") of one split, from the hub or disk."""
-    if os.path.exists(source) and split not in ("train", "test"):
-        raise UserError(f"split {split!r} of {source}: local data has only train and test")
+def _hold_out(outcomes, split, source):
+    """One split, two roles: every HELD_OUT_EVERY-th record is test, the rest train."""
+    if len(outcomes) < HELD_OUT_EVERY:
+        raise UserError(f"{source}: {len(outcomes)} pairs: need at least {HELD_OUT_EVERY} to hold out every "
+                        f"{HELD_OUT_EVERY}th as the test split; add pairs, or give train and test split files")
+    keep_test = split == "test"
+    return [o for i, o in enumerate(outcomes) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == keep_test]
+
+
+def _read_source(source, split_name):
+    """([(where, record)], held_out) of one split: held_out when the source has a single split only."""
     if os.path.isdir(source):
-        present = {}  # split -> file, .jsonl.gz preferred
-        for split_name in ("train", "test"):
-            for ext in (".jsonl", ".jsonl.gz"):
-                path = os.path.join(source, split_name + ext)
-                if os.path.isfile(path):
-                    present[split_name] = path
-        if not present:
-            raise UserError(f"{source} has no train.jsonl(.gz) or test.jsonl(.gz); give a directory in the "
-                            "hub's layout, a .jsonl file, a hub name, or 'toy'")
-        if split in present and len(present) == 2:
-            return _read_file(present[split])
-        only = next(iter(present.values()))  # one split file: hold out every 20th pair for test
-        return _hold_out(_read_file(only), split)
+        return _read_directory(source, split_name)
     if os.path.isfile(source):
-        return _hold_out(_read_file(source), split)
-    if source.endswith((".json", ".jsonl", ".gz")) or source.startswith((".", "/")):
+        if split_name not in ("train", "test"):
+            raise UserError(f"{source} is one file, so it has no split {split_name!r}: its test split is every "
+                            f"{HELD_OUT_EVERY}th record, its train split the rest")
+        return _read_file(source), True
+    if source.endswith(FILE_TYPES + (".gz",)) or source.startswith((".", "/")):
         raise UserError(f"data file {source} does not exist")
-    return _load_hub(source, split)
+    return _load_hub(source, split_name)
 
 
-def _hold_out(records, split):
-    """One file, two splits: every HELD_OUT_EVERY-th record is test, the rest train."""
-    keep_test = split != "train"
-    return [r for i, r in enumerate(records) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == keep_test]
+def _file_type(path):
+    return next((file_type for file_type in FILE_TYPES if path.endswith(file_type)), None)
 
 
-def _load_hub(name, split):
-    """A hub dataset; NAME:SUBSET picks one data directory (e.g. Anthropic/hh-rlhf:helpful-base)."""
+def _split_files(directory):
+    """{split name: [paths]}: the hub's data/NAME-*.TYPE shards where data/ holds any (a hub snapshot's
+    top level holds metadata, not splits), else the NAME.TYPE files of the directory itself."""
+    hub_splits = _named_files(os.path.join(directory, "data"), shards=True)
+    return hub_splits or _named_files(directory, shards=False)
+
+
+def _named_files(folder, shards):
+    splits = collections.defaultdict(list)
+    if not os.path.isdir(folder):
+        return splits
+    for file_name in sorted(os.listdir(folder)):
+        file_type = _file_type(file_name)
+        if file_type is None or not os.path.isfile(os.path.join(folder, file_name)):
+            continue
+        name = file_name[:-len(file_type)]
+        if shards:
+            name = name.split("-")[0]  # train-00000-of-00002: split names have no "-" on the hub
+        splits[name].append(os.path.join(folder, file_name))
+    return splits
+
+
+def _read_directory(directory, split_name):
+    splits = _split_files(directory)
+    for name, paths in splits.items():
+        types = sorted({_file_type(path) for path in paths})
+        if len(types) > 1:  # train.jsonl beside train.jsonl.gz: which one is the data?
+            raise UserError(f"{directory}: split {name!r} is in {len(paths)} files of different types "
+                            f"({', '.join(os.path.basename(p) for p in paths)}); keep one")
+    if not splits:
+        subdirectories = sorted(d for d in os.listdir(directory)
+                                if os.path.isdir(os.path.join(directory, d)) and not d.startswith("."))
+        inside = f"; its subdirectories: {', '.join(subdirectories)}" if subdirectories else ""
+        raise UserError(f"{directory} holds no split files (train.jsonl, test.jsonl.gz, train.parquet, "
+                        f"data/train-00000-of-00001.parquet, ...){inside}")
+    if len(splits) == 1:  # a single split: load_preferences holds out every 20th record for test
+        (paths,) = splits.values()
+        return [record for path in paths for record in _read_file(path)], True
+    if split_name not in splits:
+        raise UserError(f"{directory} has no split {split_name!r}; its splits are {', '.join(sorted(splits))}")
+    return [record for path in splits[split_name] for record in _read_file(path)], False
+
+
+def _load_hub(source, split_name):
+    """A hub dataset; NAME:DIR picks one data directory (e.g. Anthropic/hh-rlhf:helpful-base)."""
     import datasets
-    name, _, subset = name.partition(":")
+    name, _, data_dir = source.partition(":")
     try:
-        dataset = datasets.load_dataset(name, data_dir=subset or None, split=split)
+        names = datasets.get_dataset_split_names(name, data_dir=data_dir or None)
     except Exception as e:
-        raise UserError(f"could not load {name} [{split}] from the Hugging Face hub ({type(e).__name__}); "
-                        "check the network, or give a local directory (e.g. ../shared/data/hh-rlhf/"
-                        "harmless-base) or a .jsonl file") from None
-    return [dict(row) for row in dataset]
+        raise UserError(f"could not load {name} [{split_name}] from the Hugging Face hub ({type(e).__name__}); "
+                        "check the network, or give a local directory of split files or a .jsonl, .json, "
+                        ".parquet or .csv file") from None
+    held_out = len(names) == 1  # a single split: load_preferences holds out every 20th record for test
+    chosen_split = names[0] if held_out else split_name
+    if chosen_split not in names:
+        raise UserError(f"{source} has no split {split_name!r}; its splits are {', '.join(names)}")
+    try:
+        records = datasets.load_dataset(name, data_dir=data_dir or None, split=chosen_split).to_list()
+    except Exception as e:
+        raise UserError(f"could not load {name} [{chosen_split}] from the Hugging Face hub "
+                        f"({_first_line_of_cause(e)}); check the network and the name") from None
+    numbered = [(f"{source} [{chosen_split}] row {number}", record) for number, record in enumerate(records, start=1)]
+    return numbered, held_out
 
 
 def _read_file(path):
-    """Records of a .jsonl (one JSON object a line), .json (a list of objects) or gzipped .jsonl file."""
+    """[(where, record)] of one file; `where` names the file and the line, item or row, for errors."""
+    file_type = _file_type(path)
+    if file_type is None:
+        raise UserError(f"{path}: unknown file type; data files are {', '.join(FILE_TYPES)}")
+    if file_type in (".parquet", ".csv", ".csv.gz"):
+        records = _read_table(path, file_type)
+    else:
+        records = _read_json(path, file_type)
+    if not records:
+        raise UserError(f"{path} is empty; it should hold preference pairs")
+    return records
+
+
+def _read_json(path, file_type):
+    """.jsonl: one JSON object a line. .json: a JSON list of objects, or one object a line (as Stanford
+    SHP's .json files are)."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
+    except EOFError:
+        raise UserError(f"{path} ends before its gzip data does (truncated?); copy or download it again") from None
+    except (OSError, UnicodeDecodeError, zlib.error) as e:
         raise UserError(f"cannot read {path}: {e}") from None
-    if not text.strip():
-        raise UserError(f"{path} is empty; it should hold preference pairs, one JSON object a line")
-    if path.endswith(".json"):
+    if file_type in (".json", ".json.gz") and text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            items = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rows, list):
-            raise UserError(f"{path}: expected a JSON list of objects, found {type(rows).__name__}")
-        numbered = [(f"{path}: item {i}", row) for i, row in enumerate(rows, start=1)]  # not a line number
-    else:
-        numbered = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((f"{path}:{line_no}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); each line must be one "
-                                "object with chosen and rejected") from None
-    for where, row in numbered:
-        _check_record(row, where)
-    return [row for _, row in numbered]
-
-
-def _check_record(row, where):
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object with chosen and rejected, found {type(row).__name__}")
-    for field in ("prompt", "chosen", "rejected") if "prompt" in row else ("chosen", "rejected"):
-        if field not in row:
-            raise UserError(f"{where}: missing field '{field}'")
-        if not isinstance(row[field], str):
-            raise UserError(f"{where}: field '{field}' is {type(row[field]).__name__}, expected a string")
-
-
-def split_dialogues(records):
-    """Records -> (pairs, dropped counts). A record with a "prompt" field is taken as it is; an HH
-    dialogue is split after its last "\\n\\nAssistant:": the prompt is the conversation up to and
-    including that marker, the response is the rest, so prompt + response is the original text."""
-    pairs, dropped = [], {"prompt mismatch": 0, "empty response": 0, "no assistant turn": 0}
-    for r in records:
-        if "prompt" in r:
-            prompt, chosen, rejected = r["prompt"], r["chosen"], r["rejected"]
-        else:
-            cut_c, cut_r = r["chosen"].rfind(ASSISTANT), r["rejected"].rfind(ASSISTANT)
-            if cut_c < 0 or cut_r < 0:
-                dropped["no assistant turn"] += 1
-                continue
-            prompt = r["chosen"][:cut_c + len(ASSISTANT)]
-            if r["rejected"][:cut_r + len(ASSISTANT)] != prompt:
-                dropped["prompt mismatch"] += 1  # the two replies answer different conversations
-                continue
-            chosen, rejected = r["chosen"][len(prompt):], r["rejected"][len(prompt):]
-        if not chosen.strip() or not rejected.strip():
-            dropped["empty response"] += 1
+        return [(f"{path}: item {number}", item) for number, item in enumerate(items, start=1)]
+    expected = "one JSON object a line"
+    if file_type in (".json", ".json.gz"):
+        expected += ", or one JSON list"
+    records = []
+    # "\n" only, as editors number lines: str.splitlines would also break at a U+2028 inside a JSON string
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
             continue
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return pairs, dropped
+        try:
+            records.append((f"{path}:{line_no}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); the file must hold {expected}") from None
+    return records
+
+
+def _read_table(path, file_type):
+    """Rows of a .parquet or .csv(.gz) file, read by the datasets library."""
+    builder = "parquet" if file_type == ".parquet" else "csv"
+    # an empty csv cell is an empty string (an empty prompt is a valid prompt), not a missing value
+    options = {} if builder == "parquet" else {"keep_default_na": False}
+    with _quiet_datasets() as datasets:
+        try:
+            records = datasets.load_dataset(builder, data_files=path, split="train", **options).to_list()
+        except Exception as e:
+            raise UserError(f"{path}: not a readable {builder} file ({_first_line_of_cause(e)})") from None
+    return [(f"{path}: row {number}", record) for number, record in enumerate(records, start=1)]
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets draws progress bars and logs read errors on stderr; for a local file our one summary
+    line and one-line errors say it instead."""
+    import datasets
+    verbosity, bars_were_off = datasets.logging.get_verbosity(), datasets.are_progress_bars_disabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.disable_progress_bars()
+    try:
+        yield datasets
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+
+
+def _first_line_of_cause(error):
+    """The innermost error's name and first line: datasets wraps the parser's own message in its own."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    first_line = str(error).strip().split("\n")[0]
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records -> pairs: the format of each record, and where its prompt ends
+
+def records_to_pairs(records, locations=None):
+    """Records of one source -> (format name, outcomes): outcome i is record i's {"prompt", "chosen",
+    "rejected"} or, a string, the reason it was dropped. locations[i] names record i in errors (file and
+    line, item or row); by default "record i".
+
+    Every record must be in the first record's format (a mixture is a UserError naming the first record
+    that differs). Whatever the format, a pair is dropped when a response is empty or blank, or when the
+    two responses are identical (nothing to prefer)."""
+    locations = locations or [f"record {number}" for number in range(1, len(records) + 1)]
+    records = list(zip(locations, records))
+    first_format, first_where = None, None
+    for where, record in records:
+        format_name = _record_format(record, where)
+        if first_format is None:
+            first_format, first_where = format_name, where
+        elif format_name != first_format:
+            raise UserError(f"{where}: a record in the {format_name} format, but {first_where} is in the "
+                            f"{first_format} format; one source holds one format")
+    split_record = {"prompt/chosen/rejected text": _split_explicit, "conversational": _split_messages,
+                    "Stanford SHP": _split_shp}.get(first_format)
+    if first_format == "chosen/rejected text":  # HH when any dialogue has HH's turn markers
+        is_hh = any(ASSISTANT in record["chosen"] for _, record in records)
+        first_format = "HH dialogues" if is_hh else "shared-start text"
+        split_record = _split_hh if is_hh else _split_shared_start
+    outcomes = []
+    for where, record in records:
+        outcome = split_record(record, where)
+        if isinstance(outcome, tuple):
+            outcome = _usable_pair(*outcome)
+        outcomes.append(outcome)
+    return first_format, outcomes
+
+
+KNOWN_FORMATS = ("prompt/chosen/rejected text; chosen/rejected text (HH dialogues, or a shared start); chosen/"
+                 "rejected lists of role/content messages (prompt optional); Stanford SHP (history, "
+                 "human_ref_A, human_ref_B, labels)")
+
+
+def _record_format(record, where):
+    """The format of one record, from its fields; a record in none is a UserError naming what it holds."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected an object with chosen and rejected, found {_type_name(record)}")
+    if "chosen" in record or "rejected" in record:
+        for field in ("chosen", "rejected"):
+            if field not in record:
+                raise UserError(f"{where}: missing field '{field}'")
+        chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt", "")
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            if not isinstance(prompt, str):
+                raise UserError(f"{where}: field 'prompt' is {_type_name(prompt)}, expected text like chosen "
+                                "and rejected")
+            return "prompt/chosen/rejected text" if "prompt" in record else "chosen/rejected text"
+        if isinstance(chosen, list) and isinstance(rejected, list):
+            if not isinstance(prompt, (str, list)):
+                raise UserError(f"{where}: field 'prompt' is {_type_name(prompt)}, expected a list of "
+                                "messages or text")
+            return "conversational"
+        raise UserError(f"{where}: field 'chosen' is {_type_name(chosen)} and 'rejected' is "
+                        f"{_type_name(rejected)}; both must be text, or both lists of messages")
+    if any(field in record for field in SHP_FIELDS):
+        for field in SHP_FIELDS:
+            if field not in record:
+                raise UserError(f"{where}: missing field '{field}' of the Stanford SHP format")
+        return "Stanford SHP"
+    raise UserError(f"{where}: fields {', '.join(map(str, record)) or '(none)'} match no known format; "
+                    f"known: {KNOWN_FORMATS}")
+
+
+def _type_name(value):
+    return "null" if value is None else type(value).__name__
+
+
+def _usable_pair(prompt, chosen, rejected):
+    if not chosen.strip() or not rejected.strip():
+        return "empty response"
+    if chosen == rejected:
+        return "identical responses"  # nothing to prefer: DPO loss ln 2 and no gradient, whatever the model
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _split_explicit(record, where):
+    return record["prompt"], record["chosen"], record["rejected"]
+
+
+def _split_hh(record, where):
+    """An HH dialogue is split after its last "\\n\\nAssistant:": the prompt is the conversation up to and
+    including that marker, the response the rest, so prompt + response is the original text."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    chosen_cut, rejected_cut = chosen.rfind(ASSISTANT), rejected.rfind(ASSISTANT)
+    if chosen_cut < 0 or rejected_cut < 0:
+        return "no assistant turn"
+    prompt = chosen[:chosen_cut + len(ASSISTANT)]
+    if rejected[:rejected_cut + len(ASSISTANT)] != prompt:
+        return "prompt mismatch"  # the two replies answer different conversations
+    return prompt, chosen[len(prompt):], rejected[len(prompt):]
+
+
+def _split_shared_start(record, where):
+    """Text without HH markers: the prompt is the longest run of whole words both texts start with. The
+    cut goes back from the first differing character to the end of a word, so no word is split and each
+    response starts with the whitespace before its first word (GPT-2's tokens carry it: " yes")."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    cut = len(os.path.commonprefix([chosen, rejected]))
+    while cut > 0 and not (_word_ends_at(chosen, cut) and _word_ends_at(rejected, cut)):
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _word_ends_at(text, position):
+    return not text[position - 1].isspace() and (position == len(text) or text[position].isspace())
+
+
+def _split_messages(record, where):
+    """Conversational: the prompt's messages (if any) then each response's messages make one conversation
+    per response; the last message must be the assistant's and is the response, and everything before it
+    must be the same in both. Rendered as HH text (see render_hh)."""
+    for field in ("prompt", "chosen", "rejected"):
+        messages = record.get(field)
+        if not isinstance(messages, list):
+            continue  # no prompt, or a prompt as text
+        for number, message in enumerate(messages, start=1):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                raise UserError(f"{where}: {field} message {number} is not a {{\"role\": ..., \"content\": "
+                                f"text}} object (found {str(message)[:60]!r})")
+    prompt, chosen, rejected = record.get("prompt", []), record["chosen"], record["rejected"]
+    if isinstance(prompt, str):
+        # text is the opening user message, unless it is empty or the conversations already open with it
+        # (UltraFeedback-binarized repeats its prompt as text beside complete conversations)
+        already_opened = bool(chosen) and _turn(chosen[0]) == ("user", prompt)
+        prompt = [] if already_opened or not prompt else [{"role": "user", "content": prompt}]
+    chosen, rejected = prompt + chosen, prompt + rejected
+    if not chosen or not rejected or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        return "no assistant turn"
+    context = chosen[:-1]
+    if [_turn(m) for m in context] != [_turn(m) for m in rejected[:-1]]:
+        return "prompt mismatch"
+    roles = [m["role"] for m in context]
+    if any(role not in ("system", "user", "assistant") for role in roles):
+        return "unknown role"
+    if "system" in roles[1:]:
+        return "system message not first"
+    return render_hh(context), " " + chosen[-1]["content"], " " + rejected[-1]["content"]
+
+
+def _turn(message):
+    return message["role"], message["content"]
+
+
+def render_hh(messages):
+    """Messages before a response, as the HH text our SFT teaches (GPT-2 has no chat template):
+    "\\n\\nHuman: " + content for a user message, "\\n\\nAssistant: " + content for an assistant's, then the
+    "\\n\\nAssistant:" the response follows (with its own leading space). A system message, allowed first
+    only, is plain text before the first turn: HH has no system role, and a turn marker would put its
+    words in someone's mouth."""
+    marker = {"user": HUMAN + " ", "assistant": ASSISTANT + " ", "system": ""}
+    return "".join(marker[m["role"]] + m["content"] for m in messages) + ASSISTANT
+
+
+def _split_shp(record, where):
+    """Stanford SHP: `labels` 1 means A is preferred (the dataset card's convention). Rendered as one HH
+    turn, as the authors' code does. With scores, a pair whose higher score is less than
+    SHP_MIN_SCORE_RATIO times the lower is dropped (a weak preference); the authors' code does the same."""
+    for field in ("history", "human_ref_A", "human_ref_B"):
+        if not isinstance(record[field], str):
+            raise UserError(f"{where}: field '{field}' is {_type_name(record[field])}, expected text")
+    label = record["labels"]
+    if isinstance(label, bool) or label not in (0, 1):
+        raise UserError(f"{where}: field 'labels' is {label!r}; Stanford SHP uses 1 (A preferred) or 0 (B)")
+    scores = [record.get("score_A"), record.get("score_B")]
+    if all(isinstance(score, (int, float)) and not isinstance(score, bool) for score in scores):
+        if max(scores) < SHP_MIN_SCORE_RATIO * min(scores):
+            return f"score ratio below {SHP_MIN_SCORE_RATIO}"
+    elif any(score is not None for score in scores):
+        raise UserError(f"{where}: fields 'score_A' and 'score_B' must both be numbers (or both absent), found "
+                        f"{_type_name(scores[0])} and {_type_name(scores[1])}")
+    if label == 1:
+        preferred, other = record["human_ref_A"], record["human_ref_B"]
+    else:
+        preferred, other = record["human_ref_B"], record["human_ref_A"]
+    return f"{HUMAN} {record['history']}{ASSISTANT}", " " + preferred, " " + other
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,10 +516,14 @@ def tokenize_pairs(pairs, max_len=512, max_prompt_len=256, tokenizer=None, verbo
 
     Prompt and responses are encoded separately and joined, so the boundary is exact (encoding the
     joined text could merge the prompt's last characters with the response's first into one token).
-    Truncation, as in the DPO reference implementation: if prompt + longer response exceeds max_len,
-    the prompt keeps its last max_prompt_len tokens (the end of a conversation is what the reply
-    answers); if it still does not fit, both responses keep their first max_len - prompt tokens (and
-    lose their EOS).
+
+    Truncation, when prompt + longer response exceeds max_len:
+    1) the prompt keeps its last max_prompt_len tokens (the end of a conversation is what the reply
+       answers), as the authors' code does for HH (for other data it keeps the start);
+    2) if the pair still does not fit, both responses keep their first max_len - len(prompt) tokens (and
+       lose their EOS). The authors' code cuts them to max_len - max_prompt_len instead; the two agree
+       when step 1 cut the prompt, but theirs also cuts responses after a short prompt that left room,
+       while ours uses all of max_len.
     """
     if not 0 < max_prompt_len < max_len:
         raise UserError(f"--max_prompt_len ({max_prompt_len}) must be positive and below --max_len ({max_len})")
@@ -291,16 +588,21 @@ def dpo_batch(tokenized):
 
 
 def packed_dpo_batch(tokenized):
-    """Each pair as ONE row that holds its prompt once: prompt, chosen, rejected. dpo_batch runs every
-    prompt twice, and prompts are often longer than responses (on HH pairs under 256 tokens, 76 tokens
-    against 34 and 41), so this sends far fewer tokens through the blocks.
+    """Each pair as ONE sequence that holds its prompt once: prompt, chosen, rejected. dpo_batch runs
+    every prompt twice, and prompts are often longer than responses (see PERFORMANCE.md for HH), so this
+    sends fewer tokens through the blocks.
 
     Returns input_ids, labels (2, B, W): the chosen plane then the rejected plane, positions and
     segments (B, W). Each response continues the prompt's positions, and GPT.forward lets a token see
     the prompt (segment 0) and its own response (1 chosen, 2 rejected), never the other response, so
-    every log-prob equals dpo_batch's. The prompt's last token predicts the first token of both
-    responses: it carries a label in both planes."""
-    rows = []
+    every log-prob equals dpo_batch's.
+
+    The label shift is done here, not in example(): the rejected response sits after the chosen one but
+    continues the prompt, so one shift of the whole sequence would be wrong at the joins, and each
+    plane's labels are laid out by hand. labels[t] is still the token that follows input_ids[t] in that
+    response's own prompt + response; the prompt's last token predicts the first token of both
+    responses, so it carries a label in both planes."""
+    packed = []
     for t in tokenized:
         prompt, chosen, rejected = t["prompt"], t["chosen"], t["rejected"]
         p, c, r = len(prompt), len(chosen), len(rejected)
@@ -309,13 +611,13 @@ def packed_dpo_batch(tokenized):
         segments = [0] * p + [1] * (c - 1) + [2] * (r - 1)
         chosen_labels = [IGNORE_INDEX] * (p - 1) + chosen + [IGNORE_INDEX] * (r - 1)
         rejected_labels = [IGNORE_INDEX] * (p - 1) + rejected[:1] + [IGNORE_INDEX] * (c - 1) + rejected[1:]
-        rows.append((ids, chosen_labels, rejected_labels, positions, segments))
-    width = max(len(row[0]) for row in rows)
-    input_ids = torch.full((len(rows), width), EOS, dtype=torch.long)
-    labels = torch.full((2, len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    segments = torch.full((len(rows), width), 3, dtype=torch.long)  # padding: a segment of its own
-    for b, (ids, chosen_labels, rejected_labels, pos, seg) in enumerate(rows):
+        packed.append((ids, chosen_labels, rejected_labels, positions, segments))
+    width = max(len(ids) for ids, *_ in packed)
+    input_ids = torch.full((len(packed), width), EOS, dtype=torch.long)
+    labels = torch.full((2, len(packed), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(packed), width), dtype=torch.long)
+    segments = torch.full((len(packed), width), 3, dtype=torch.long)  # padding: a segment of its own
+    for b, (ids, chosen_labels, rejected_labels, pos, seg) in enumerate(packed):
         input_ids[b, :len(ids)] = torch.tensor(ids)
         labels[0, b, :len(ids)] = torch.tensor(chosen_labels)
         labels[1, b, :len(ids)] = torch.tensor(rejected_labels)
@@ -339,35 +641,58 @@ def batch_indices(n, batch_size, step, seed):
 # ----------------------------------------------------------------------------------------------------
 # python data.py --inspect: look at the data before training on it
 
-def inspect(source, split, max_len, max_prompt_len):
+def inspect(source, split, max_len, max_prompt_len, split_name=None):
     tokenizer = get_tokenizer()
-    tokenized = tokenize_pairs(load_preferences(source, split), max_len, max_prompt_len, tokenizer)
-    print("token lengths    p50    p90    p99    max")
+    pairs = load_preferences(source, split, split_name=split_name)
+    first = pairs[0]
+    print("\nfirst pair as text, split where training splits it:")
+    for field in ("prompt", "chosen", "rejected"):
+        print(f"{field + ':':<10} {first[field]!r}")
+    tokenized = tokenize_pairs(pairs, max_len, max_prompt_len, tokenizer)
+    print("\ntoken lengths    p50    p90    p99    max")
     for field in ("prompt", "chosen", "rejected"):
         lengths = torch.tensor([len(t[field]) for t in tokenized], dtype=torch.float)
         p50, p90, p99 = (int(lengths.quantile(q).item()) for q in (0.5, 0.9, 0.99))
         print(f"{field:<14} {p50:6d} {p90:6d} {p99:6d} {int(lengths.max()):6d}")
-    first = tokenized[0]
-    ids, labels = example(first["prompt"], first["chosen"])
+    ids, labels = example(tokenized[0]["prompt"], tokenized[0]["chosen"])
     print("\nfirst pair, prompt + chosen, token by token ('.' = not trained, else the label's text):")
     for position, (token, label) in enumerate(zip(ids, labels)):
         target = "." if label == IGNORE_INDEX else repr(tokenizer.decode([label]))
         print(f"{position:5d} {token:6d} {tokenizer.decode([token])!r:<20} -> {target}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default once: argparse's own, except where the help text states a computed one."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--inspect", action="store_true", help="print the summary, lengths and one example")
-    parser.add_argument("--data", default="toy", help="hub name, local directory, .jsonl/.json file, or toy")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--max_len", type=int, default=512)
-    parser.add_argument("--max_prompt_len", type=int, help="default: max_len / 2, as in training")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--inspect", action="store_true",
+                        help="print the load summary, the first pair as text, token lengths and one example")
+    parser.add_argument("--data", default="toy", help="a hub name (NAME or NAME:DIR), a directory of split "
+                        "files, a .jsonl/.json/.parquet/.csv file, or toy")
+    parser.add_argument("--split", default="train", choices=("train", "test"), help="which split to show")
+    parser.add_argument("--split_name", help="that split's name in the source, e.g. train_prefs (default: the "
+                        "value of --split)")
+    parser.add_argument("--max_len", type=int, default=512, help="tokens of prompt + response, at most")
+    parser.add_argument("--max_prompt_len", type=int, help="tokens a too-long prompt is cut to, its end kept "
+                        "(default: max_len / 2, as in training)")
     args = parser.parse_args(argv)
     args.max_prompt_len = args.max_prompt_len or args.max_len // 2
     if not args.inspect:
         parser.error("nothing to do: pass --inspect")
-    with user_errors():
-        inspect(args.data, args.split, args.max_len, args.max_prompt_len)
+    try:
+        with user_errors():
+            inspect(args.data, args.split, args.max_len, args.max_prompt_len, args.split_name)
+        sys.stdout.flush()  # here, not at exit: a reader that stopped early is caught below
+    except BrokenPipeError:
+        # the reader stopped (`| head`): stop quietly, as Unix tools do; stdout goes to devnull so that
+        # Python's own flush at exit does not fail on the closed pipe a second time
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

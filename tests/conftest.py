@@ -1,4 +1,4 @@
-"""Shared test setup: the project root on sys.path, offline tokenizer files, tiny GPT-2 checkpoints."""
+"""Shared test setup: the project root on sys.path, offline tokenizer files, the HH excerpt, tiny GPT-2 checkpoints."""
 import os
 import sys
 
@@ -7,7 +7,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
-HH_TEST = os.path.join(SHARED, "data", "hh-rlhf", "harmless-base", "test.jsonl.gz")
+# the first 512 records of HH-RLHF harmless-base test, shipped in the repository (see its README)
+HH_TEST = os.path.join(ROOT, "examples", "hh-rlhf-harmless-base", "test.jsonl.gz")
 sys.path.insert(0, ROOT)
 if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
@@ -15,8 +16,6 @@ if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-needs_hh = pytest.mark.skipif(not os.path.exists(HH_TEST), reason="shared HH-RLHF file not present")
 
 
 def make_hf_gpt2(directory, vocab_size=50257, n_positions=128, n_layer=2, n_head=2, n_embd=32, seed=0):

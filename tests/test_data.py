@@ -1,19 +1,23 @@
 """data.py: sources, the prompt/response split, truncation, masks and batches, and the errors a user sees.
 
-Most DPO bugs are data bugs, so these tests check exact numbers on the real HH-RLHF file and exact
-tensors on hand-made pairs, rather than only that something ran.
+Most DPO bugs are data bugs, so these tests check exact numbers on real HH-RLHF pairs (the excerpt in
+examples/) and exact tensors on hand-made pairs, rather than only that something ran. The formats and
+file types a source may come in are tested in test_formats.py.
 """
 import collections
 import gzip
 import json
 import os
+import re
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 import data
-from conftest import HH_TEST, needs_hh, run_script
+from conftest import HH_TEST, ROOT, run_script
 from model import IGNORE_INDEX, UserError
 
 HH_DIR = os.path.dirname(HH_TEST)
@@ -33,13 +37,13 @@ def hh_records():
 
 @pytest.fixture(scope="module")
 def hh_pairs(hh_records):
-    pairs, dropped = data.split_dialogues(hh_records)
-    return pairs
+    format_name, outcomes = data.records_to_pairs(hh_records)
+    return [outcome for outcome in outcomes if isinstance(outcome, dict)]
 
 
 @pytest.fixture(scope="module")
 def hh_full(hh_pairs, tokenizer):
-    """HH pairs tokenized with room for everything: the longest prompt + response + EOS is 1021 tokens,
+    """HH pairs tokenized with room for everything: the longest prompt + response + EOS is 938 tokens,
     so with max_len 1100 neither branch of the truncation can fire."""
     return data.tokenize_pairs(hh_pairs, max_len=1100, max_prompt_len=1000, tokenizer=tokenizer, verbose=False)
 
@@ -61,16 +65,16 @@ def numbered_rows(n):
 # ----------------------------------------------------------------------------------------------------
 # Real HH-RLHF pairs: the split, the round trip, and the trained tokens
 
-@needs_hh
 def test_hh_split_counts(hh_records):
-    # the numbers of the file's README: 2,312 pairs, 5 with different conversations, 4 empty chosen replies
-    pairs, dropped = data.split_dialogues(hh_records)
-    assert len(hh_records) == 2312
-    assert len(pairs) == 2303
-    assert dropped == {"prompt mismatch": 5, "empty response": 4, "no assistant turn": 0}
+    # the numbers of the excerpt's README: 512 records, one with an empty chosen reply (line 87)
+    format_name, outcomes = data.records_to_pairs(hh_records)
+    assert format_name == "HH dialogues"
+    assert len(hh_records) == len(outcomes) == 512
+    assert collections.Counter(o for o in outcomes if isinstance(o, str)) == {"empty response": 1}
+    assert outcomes[86] == "empty response" and hh_records[86]["chosen"].endswith(data.ASSISTANT + " ")
+    assert sum(isinstance(o, dict) for o in outcomes) == 511
 
 
-@needs_hh
 def test_hh_prompt_plus_response_is_the_dialogue(hh_records, hh_pairs):
     # kept pairs come out in file order, so walk the records once and find each pair's own record
     records = iter(hh_records)
@@ -84,7 +88,6 @@ def test_hh_prompt_plus_response_is_the_dialogue(hh_records, hh_pairs):
         assert pair["chosen"].strip() and pair["rejected"].strip()
 
 
-@needs_hh
 def test_hh_labels_decode_to_response_and_eos(hh_pairs, hh_full, tokenizer):
     assert len(hh_full) == len(hh_pairs)
     for pair, tokens in zip(hh_pairs, hh_full):
@@ -99,23 +102,22 @@ def test_hh_labels_decode_to_response_and_eos(hh_pairs, hh_full, tokenizer):
             assert tokenizer.decode(trained) == pair[field] + EOS_TEXT
 
 
-@needs_hh
 def test_hh_directory_holds_out_every_20th_pair(hh_records, hh_pairs, capsys):
-    # the directory holds only test.jsonl.gz, so load_preferences splits that one file itself
+    # the directory holds only test.jsonl.gz (and a README), so load_preferences splits that one file itself
     train = data.load_preferences(HH_DIR, "train")
     test = data.load_preferences(HH_DIR, "test")
     lines = capsys.readouterr().out.splitlines()
-    # one summary line per call; all 9 dropped records fall outside the held-out positions (19, 39, ...)
-    assert lines == [f"data: {HH_DIR} [train]: kept 2188 pairs, dropped 9 (5 prompt mismatch, 4 empty response)",
-                     f"data: {HH_DIR} [test]: kept 115 pairs, dropped 0 (none)"]
-    held_out, _ = data.split_dialogues(hh_records[19::20])
+    # one summary line per call; the one dropped record (position 86) falls outside the held-out 19, 39, ...
+    note = "format: HH dialogues; every 20th record held out for test"
+    assert lines == [f"data: {HH_DIR} [train]: kept 486 pairs, dropped 1 (1 empty response); {note}",
+                     f"data: {HH_DIR} [test]: kept 25 pairs, dropped 0 (none); {note}"]
+    _, held_out = data.records_to_pairs(hh_records[19::20])
     assert as_tuples(test) == as_tuples(held_out)
     # disjoint, and together exactly the kept pairs (the file has no duplicate pairs, so sets suffice)
     assert not set(as_tuples(train)) & set(as_tuples(test))
     assert collections.Counter(as_tuples(train) + as_tuples(test)) == collections.Counter(as_tuples(hh_pairs))
 
 
-@needs_hh
 def test_hh_truncation_invariants(hh_pairs, hh_full, tokenizer, capsys):
     max_len, max_prompt_len = 128, 64
     cut = data.tokenize_pairs(hh_pairs, max_len, max_prompt_len, tokenizer)
@@ -184,7 +186,6 @@ def test_dpo_batch_exact_tensors():
                                [12, E, I, I, I]]
 
 
-@needs_hh
 def test_dpo_batch_on_real_pairs(hh_pairs, tokenizer):
     tokenized = data.tokenize_pairs(hh_pairs[:8], 256, 128, tokenizer, verbose=False)
     input_ids, labels = data.dpo_batch(tokenized)
@@ -249,17 +250,18 @@ def test_jsonl_with_hh_dialogues(tmp_path, capsys):
     path = write_jsonl(tmp_path / "hh.jsonl", [
         {"chosen": history + " see you", "rejected": history + " go away"},
         {"chosen": "\n\nHuman: no reply marker", "rejected": "\n\nHuman: no reply marker"},
-    ])
+    ] * 10)
     pairs = data.load_preferences(str(path), "train")
-    assert pairs == [{"prompt": history, "chosen": " see you", "rejected": " go away"}]
-    assert capsys.readouterr().out == f"data: {path} [train]: kept 1 pairs, dropped 1 (1 no assistant turn)\n"
+    assert pairs == [{"prompt": history, "chosen": " see you", "rejected": " go away"}] * 10
+    assert capsys.readouterr().out == (f"data: {path} [train]: kept 10 pairs, dropped 9 (9 no assistant turn); "
+                                       "format: HH dialogues; every 20th record held out for test\n")
 
 
 def test_json_list(tmp_path):
-    rows = numbered_rows(3)
+    rows = numbered_rows(20)
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps(rows, indent=2))
-    assert data.load_preferences(str(path), "train", verbose=False) == rows
+    assert data.load_preferences(str(path), "train", verbose=False) == rows[:19]
 
 
 def test_directory_with_both_splits_has_no_holdout(tmp_path):
@@ -268,6 +270,32 @@ def test_directory_with_both_splits_has_no_holdout(tmp_path):
     write_jsonl(tmp_path / "test.jsonl", rows[40:])
     assert data.load_preferences(str(tmp_path), "train", verbose=False) == rows[:40]  # 20th and 40th kept
     assert data.load_preferences(str(tmp_path), "test", verbose=False) == rows[40:]
+
+
+def test_identical_responses_are_dropped_with_a_reason(tmp_path, capsys):
+    # nothing to prefer: such a pair's DPO loss is ln 2 with no gradient, and SFT would learn it twice
+    rows = numbered_rows(20)
+    rows[3]["rejected"] = rows[3]["chosen"]
+    hh = "\n\nHuman: hi\n\nAssistant:"
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", [{"chosen": hh + " same", "rejected": hh + " same"},
+                                         {"chosen": hh + " yes", "rejected": hh + " no"}])
+    train = data.load_preferences(str(tmp_path), "train")
+    test = data.load_preferences(str(tmp_path), "test")
+    assert train == rows[:3] + rows[4:] and test == [{"prompt": hh, "chosen": " yes", "rejected": " no"}]
+    assert capsys.readouterr().out.splitlines() == [
+        f"data: {tmp_path} [train]: kept 19 pairs, dropped 1 (1 identical responses); "
+        "format: prompt/chosen/rejected text",
+        f"data: {tmp_path} [test]: kept 1 pairs, dropped 1 (1 identical responses); format: HH dialogues"]
+
+
+def test_a_source_too_small_to_hold_out_says_so(tmp_path):
+    path = write_jsonl(tmp_path / "few.jsonl", numbered_rows(19))
+    for split in ("train", "test"):  # refused for both, so a run stops before it trains on anything
+        with pytest.raises(UserError, match="few.jsonl: 19 pairs: need at least 20 to hold out every 20th"):
+            data.load_preferences(str(path), split)
+    write_jsonl(tmp_path / "few.jsonl", numbered_rows(20))
+    assert data.load_preferences(str(path), "test", verbose=False) == [numbered_rows(20)[19]]
 
 
 def test_toy_pairs_and_oracle_reward():
@@ -315,12 +343,32 @@ def bad_missing_field(tmp):
 
 def bad_non_string(tmp):
     path = write_jsonl(tmp / "types.jsonl", [{"prompt": "p", "chosen": ["a"], "rejected": "b"}])
-    return path, ["types.jsonl:1: field 'chosen' is list, expected a string"]
+    return path, ["types.jsonl:1: field 'chosen' is list and 'rejected' is str; both must be text, or both lists"]
+
+
+def bad_prompt_type(tmp):
+    path = write_jsonl(tmp / "prompt.jsonl", [{"prompt": 3, "chosen": "a", "rejected": "b"}])
+    return path, ["prompt.jsonl:1: field 'prompt' is int, expected text"]
 
 
 def bad_directory(tmp):
-    write_jsonl(tmp / "pairs.jsonl", numbered_rows(2))  # a file, but not named as a split
-    return tmp, [f"{tmp} has no train.jsonl(.gz) or test.jsonl(.gz)"]
+    (tmp / "README.md").write_text("pairs are elsewhere")  # a directory without split files
+    (tmp / "helpful-base").mkdir()
+    return tmp, [f"{tmp} holds no split files (train.jsonl,", "its subdirectories: helpful-base"]
+
+
+def bad_ambiguous_directory(tmp):
+    write_jsonl(tmp / "train.jsonl", numbered_rows(20))
+    with gzip.open(tmp / "train.jsonl.gz", "wt") as f:  # a compressed copy left beside it: which is the data?
+        f.write("".join(json.dumps(row) + "\n" for row in numbered_rows(30)))
+    return tmp, [f"{tmp}: split 'train' is in 2 files of different types (train.jsonl, train.jsonl.gz); keep one"]
+
+
+def bad_truncated_gzip(tmp):
+    path = tmp / "cut.jsonl.gz"
+    whole = gzip.compress("".join(json.dumps(row) + "\n" for row in numbered_rows(200)).encode())
+    path.write_bytes(whole[:len(whole) // 2])  # an interrupted download or copy
+    return path, ["cut.jsonl.gz ends before its gzip data does (truncated?)"]
 
 
 def bad_json_item(tmp):
@@ -329,22 +377,32 @@ def bad_json_item(tmp):
     return path, ["list.json: item 2: missing field 'chosen'"]  # an item number, not a line
 
 
-def bad_json_not_list(tmp):
-    path = tmp / "object.json"
-    path.write_text(json.dumps({"chosen": "a", "rejected": "b"}))
-    return path, ["object.json: expected a JSON list of objects, found dict"]
+def bad_json_scalar(tmp):
+    path = tmp / "text.json"
+    path.write_text(json.dumps("chosen and rejected"))
+    return path, ["text.json:1: expected an object with chosen and rejected, found str"]
 
 
 def bad_line_not_object(tmp):
     path = tmp / "array.jsonl"
     path.write_text('["a", "b"]\n')
-    return path, ["array.jsonl:1: expected a JSON object with chosen and rejected, found list"]
+    return path, ["array.jsonl:1: expected an object with chosen and rejected, found list"]
+
+
+def bad_unknown_file_type(tmp):
+    path = tmp / "pairs.txt"
+    path.write_text(json.dumps(numbered_rows(1)[0]) + "\n")
+    return path, ["pairs.txt: unknown file type; data files are .jsonl, .jsonl.gz, .json"]
 
 
 CLI_CASES = [bad_missing_file, bad_empty_file, bad_not_json, bad_missing_field, bad_non_string, bad_directory]
 
 
-@pytest.mark.parametrize("case", CLI_CASES + [bad_json_item, bad_json_not_list, bad_line_not_object],
+IN_PROCESS_CASES = [bad_prompt_type, bad_ambiguous_directory, bad_truncated_gzip, bad_json_item, bad_json_scalar,
+                    bad_line_not_object, bad_unknown_file_type]
+
+
+@pytest.mark.parametrize("case", CLI_CASES + IN_PROCESS_CASES,
                          ids=lambda case: case.__name__)
 def test_bad_input_is_one_line_user_error(case, tmp_path):
     path, expected = case(tmp_path)
@@ -398,7 +456,7 @@ def test_inspect_toy_cli(tokenizer):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     tokenized = data.tokenize_pairs(data.toy_pairs("train"), 512, 256, tokenizer, verbose=False)
-    assert lines[0] == "data: toy [train]: kept 2000 pairs, dropped 0 (none)"
+    assert lines[0] == "data: toy [train]: kept 2000 pairs, dropped 0 (none); format: toy"
     # the percentile table: p50 <= p90 <= p99 <= max per field, max matching our own count
     header = lines.index("token lengths    p50    p90    p99    max")
     for line, field in zip(lines[header + 1:header + 4], ("prompt", "chosen", "rejected")):
@@ -406,13 +464,41 @@ def test_inspect_toy_cli(tokenizer):
         numbers = [int(x) for x in numbers]
         assert name == field and numbers == sorted(numbers)
         assert numbers[-1] == max(len(t[field]) for t in tokenized)
+    # the first pair as text, split where training splits it
+    text_view = lines.index("first pair as text, split where training splits it:")
+    pair = data.toy_pairs("train")[0]
+    assert lines[text_view + 1:text_view + 4] == [f"{field + ':':<10} {pair[field]!r}"
+                                                  for field in ("prompt", "chosen", "rejected")]
     # the token-by-token view of the first pair: one line per input position, prompt untrained
     first = tokenized[0]
-    view = lines[lines.index(next(l for l in lines if l.startswith("first pair"))) + 1:]
+    view = lines[lines.index(next(l for l in lines if l.startswith("first pair, prompt + chosen"))) + 1:]
     assert len(view) == len(first["prompt"]) + len(first["chosen"]) - 1
     assert sum(line.endswith("-> .") for line in view) == len(first["prompt"]) - 1
     assert view[0].split()[:2] == ["0", str(first["prompt"][0])]
     assert view[-1].endswith(f"-> {EOS_TEXT!r}")
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly():
+    # `python data.py --inspect | head`: once head has stopped reading, stop without a BrokenPipeError
+    # traceback. Closing our end before the child writes makes its writes fail, every time; stdout
+    # buffered, as users have it, so the failure comes at the last flush, the case Python reports at exit.
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), "--inspect", "--data", "toy"],
+                               cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert stderr.decode() == "" and process.returncode == 1
+
+
+def test_help_shows_every_default_once(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["--help"])
+    assert exit_info.value.code == 0
+    options = re.split(r"\n  (?=-)", capsys.readouterr().out.split("\noptions:\n")[1])
+    assert [option.split()[0] for option in options] == ["-h,", "--inspect", "--data", "--split", "--split_name",
+                                                         "--max_len", "--max_prompt_len"]
+    for option in options[1:]:  # all but --help
+        assert " ".join(option.split()).count("(default: ") == 1, option
 
 
 def test_cli_without_inspect_is_a_usage_error(capsys):

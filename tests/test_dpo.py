@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import dpo
-from conftest import HH_TEST, make_hf_gpt2, needs_hh, read_log
+from conftest import HH_TEST, make_hf_gpt2, read_log
 from data import dpo_batch, load_preferences, packed_dpo_batch, toy_pairs, tokenize_pairs
 from model import GPT, GPTConfig
 
@@ -178,7 +178,6 @@ def test_ipo_with_label_smoothing_is_refused(capsys):
     assert "applies to the sigmoid loss only" in capsys.readouterr().err
 
 
-@needs_hh
 def test_packed_rows_give_the_same_log_probs_and_gradients_as_stacked_rows():
     """--share_prompt: each prompt runs once, yet every log-prob and gradient is dpo_batch's."""
     torch.manual_seed(0)
