@@ -25,7 +25,7 @@ import torch
 import dpo
 import sft
 from model import GPT, GPT2_SIZES, IGNORE_INDEX, GPTConfig
-from runs import UserError, compute_init, make_optimizer, user_errors
+from runs import HelpFormatter, UserError, compute_init, make_optimizer, user_errors
 
 # dense peak TFLOP/s by GPU name and dtype (vendor datasheets; SXM parts); TF32 stands in for fp32
 PEAK_TFLOPS = {"H100": {"bfloat16": 989, "float16": 989, "float32": 494},
@@ -34,23 +34,23 @@ PEAK_TFLOPS = {"H100": {"bfloat16": 989, "float16": 989, "float32": 494},
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default="gpt2", choices=list(GPT2_SIZES), help="shape (weights are random)")
-    p.add_argument("--n_layer", type=int)
-    p.add_argument("--n_head", type=int)
-    p.add_argument("--n_embd", type=int)
+    p.add_argument("--n_layer", type=int, help="override the shape's layers (default: --model's)")
+    p.add_argument("--n_head", type=int, help="override the shape's heads (default: --model's)")
+    p.add_argument("--n_embd", type=int, help="override the shape's width (default: --model's)")
     p.add_argument("--batch_size", type=int, default=8, help="sequences for SFT, pairs for DPO")
-    p.add_argument("--seq_len", type=int, default=512)
-    p.add_argument("--response_frac", type=float, default=0.5)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--seq_len", type=int, default=512, help="tokens in every sequence")
+    p.add_argument("--response_frac", type=float, default=0.5, help="the share of each sequence that is response")
+    p.add_argument("--device", default="auto", help="auto (cuda if there is one, else cpu), cpu, cuda, ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), "
+                   "float32, bfloat16, float16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the policy and the reference")
     p.add_argument("--precompute_ref", action="store_true", help="DPO without the reference in the step")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--only", choices=["sft", "dpo"], help="measure one of the two")
-    p.add_argument("--peak_tflops", type=float, help="the device's peak, if not known here")
+    p.add_argument("--only", choices=["sft", "dpo"], help="measure one of the two (default: both)")
+    p.add_argument("--peak_tflops", type=float, help="the device's peak (default: a datasheet value for known GPUs, a measured matmul on a CPU)")
     return p.parse_args(argv)
 
 

@@ -47,7 +47,7 @@ import zlib
 import torch
 
 from model import IGNORE_INDEX
-from runs import UserError, user_errors
+from runs import HelpFormatter, UserError, user_errors
 
 EOS = 50256           # <|endoftext|>: appended to every response and trained on, so the model learns to stop
 HUMAN = "\n\nHuman:"
@@ -659,13 +659,6 @@ def inspect(source, split, max_len, max_prompt_len, split_name=None):
     for position, (token, label) in enumerate(zip(ids, labels)):
         target = "." if label == IGNORE_INDEX else repr(tokenizer.decode([label]))
         print(f"{position:5d} {token:6d} {tokenizer.decode([token])!r:<20} -> {target}")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's default once: argparse's own, except where the help text states a computed one."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def main(argv=None):

@@ -40,14 +40,16 @@ DEMO = dict(init="out/demo/sft", data="toy", batch_size=16, grad_accum=1, max_le
 
 
 def parse_args(argv=None):
-    parser = training_arguments(__doc__.splitlines()[0], DEFAULTS, DEMO)
+    parser = training_arguments(__doc__.splitlines()[0], DEFAULTS, DEMO,
+                                out_dir_default="out/dpo, or out/dpo-bad with --swap; out/demo/dpo(-bad) with --demo")
     parser.add_argument("--beta", type=float, help="strength of the KL constraint: small beta lets the policy "
                         "move far from the reference")
-    parser.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"])
+    parser.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"],
+                        help="sigmoid: DPO's eq. 7; ipo: the squared loss of IPO (Azar et al., 2023)")
     parser.add_argument("--label_smoothing", type=float, default=0.0,
                         help="conservative DPO: the probability that a preference label is flipped")
     parser.add_argument("--ref", help="the frozen reference (default: --init)")
-    parser.add_argument("--optimizer", choices=["rmsprop", "adamw"])
+    parser.add_argument("--optimizer", choices=["rmsprop", "adamw"], help="rmsprop, as in the paper, or adamw")
     parser.add_argument("--precompute_ref", action="store_true",
                         help="compute the reference log-probs once before training; keeps one model in memory")
     parser.add_argument("--share_prompt", action="store_true", help="run each pair as one row, its prompt "
@@ -110,7 +112,7 @@ def pair_logps(model, batch):
     each pair's margin h is divided by its response lengths, so a long response no longer moves the
     loss more than a short one, and beta, which multiplies h, needs another scale.
     """
-    logps = model.token_logps(*batch).sum(dim=-1).view(2, -1)  # (2, B)
+    logps = model(*batch).sum(dim=-1).view(2, -1)  # (2, B): the forward with labels gives log-probs
     return logps[0], logps[1]
 
 
@@ -227,8 +229,10 @@ def train(args):
     compute = compute_init(args)
 
     require_models(args)
-    train_pairs = tokenize_pairs(load_preferences(args.data, "train"), args.max_len, args.max_prompt_len)
-    test_pairs = tokenize_pairs(load_preferences(args.data, "test"), args.max_len, args.max_prompt_len)
+    train_pairs = tokenize_pairs(load_preferences(args.data, "train", split_name=args.train_split), args.max_len,
+                                 args.max_prompt_len)
+    test_pairs = tokenize_pairs(load_preferences(args.data, "test", split_name=args.test_split), args.max_len,
+                                args.max_prompt_len)
     if args.swap:  # the "bad" model: learn to prefer what the annotators rejected
         train_pairs = [{"prompt": p["prompt"], "chosen": p["rejected"], "rejected": p["chosen"]} for p in train_pairs]
 

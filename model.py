@@ -117,7 +117,7 @@ class Block(nn.Module):
 
 def label_logps(logits, labels):
     """The plain version, two lines: log softmax over the vocabulary, then the entry of each label.
-    (B, T) in fp32, 0 where the label is IGNORE_INDEX. GPT.token_logps returns the same numbers
+    (B, T) in fp32, 0 where the label is IGNORE_INDEX. GPT.forward with labels returns the same numbers
     (tests/test_model.py uses this function as its oracle) without building the (B, T, vocab) logits."""
     logps = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return logps.masked_fill(labels == IGNORE_INDEX, 0.0)
@@ -204,11 +204,19 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied head is counted once
 
-    def forward(self, idx, kv_cache=None, hidden_only=False, positions=None, segments=None):
-        """Logits for every position, (B, T, vocab_size); the final hidden states with hidden_only.
+    def forward(self, idx, labels=None, positions=None, segments=None, kv_cache=None):
+        """Without labels: the logits at every position, (B, T, vocab_size).
+
+        With labels: log p(labels[b, t] | idx[b, :t+1]) where a label exists and 0 elsewhere, (B, T) in
+        fp32: what SFT and DPO train on. Labels are already shifted (data.py: labels[t] is the token after
+        idx[t]) and IGNORE_INDEX on prompt and padding. The numbers are the plain `label_logps(self(idx),
+        labels)`, but the head runs only on labelled rows (for GPT-2 small the 768 x 50257 head is a third
+        of the FLOPs per token, and prompts are often longer than responses), and the (rows, vocab)
+        logits never exist whole: LabelLogProbs works through them in chunks.
 
         positions and segments (B, T) describe packed rows (data.packed_dpo_batch): token q attends to
-        token k <= q when k is in segment 0 (the shared prompt) or in q's own segment."""
+        token k <= q when k is in segment 0 (the shared prompt) or in q's own segment; labels are then
+        (2, B, T), one plane per response."""
         B, T = idx.size()
         past = 0 if kv_cache is None or kv_cache[0] is None else kv_cache[0][0].size(2)
         if positions is None:
@@ -225,23 +233,14 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, kv_cache, attn_mask)
         x = self.transformer.ln_f(x)  # (B, T, C)
-        return x if hidden_only else self.lm_head(x)  # (B, T, vocab_size)
+        if labels is None:
+            return self.lm_head(x)  # (B, T, vocab_size)
 
-    def token_logps(self, idx, labels, positions=None, segments=None):
-        """log p(labels[b, t] | idx[b, :t+1]) where a label exists, 0 elsewhere: (B, T), float32.
-
-        Labels are already shifted (data.py: labels[t] is the token after idx[t]) and IGNORE_INDEX on
-        prompt and padding. The same numbers as the plain `label_logps(self(idx), labels)`, but:
-        - the head runs only on labelled rows: for GPT-2 small the 768 x 50257 head is a third of the
-          FLOPs per token, and prompts are often longer than responses;
-        - the (rows, vocab) logits never exist whole: LabelLogProbs works through them in chunks.
-        """
-        hidden = self(idx, hidden_only=True, positions=positions, segments=segments)  # (B, T, C)
-        mask = labels != IGNORE_INDEX  # (B, T), or (2, B, T) for packed rows: one label plane per response
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        rows = hidden.expand(*labels.shape, hidden.size(-1))[mask]  # (N, C); a position may serve two planes
-        picked = LabelLogProbs.apply(rows, self.lm_head.weight, labels[mask], dtype)  # (N,)
+        mask = labels != IGNORE_INDEX  # (B, T), or (2, B, T) for packed rows
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        hidden = x.expand(*labels.shape, x.size(-1))[mask]  # (N, C); a position may serve two planes
+        picked = LabelLogProbs.apply(hidden, self.lm_head.weight, labels[mask], dtype)  # (N,)
         return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
 
     @torch.no_grad()

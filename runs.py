@@ -32,25 +32,31 @@ def user_errors():
 # Flags
 
 class HelpFormatter(argparse.HelpFormatter):
-    """--help shows each default once: argparse's value, unless the help text already explains it."""
+    """--help shows each flag's default once: argparse's value, or the help text's own "(default: ...)"
+    where the default is computed (None to argparse)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+        if action.default is not None and action.default is not argparse.SUPPRESS and "(default" not in text:
             text += " (default: %(default)s)"
         return text
 
 
-def training_arguments(description, defaults, demo):
-    """The flags sft.py and dpo.py share; each script adds its own, then calls parse_training_arguments."""
+def training_arguments(description, defaults, demo, out_dir_default=None):
+    """The flags sft.py and dpo.py share; each script adds its own, then calls parse_training_arguments.
+    out_dir_default: the help text's words for a default computed later (None to argparse)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     shown = ", ".join(f"--{k} {v}" for k, v in demo.items())
     p.add_argument("--demo", action="store_true", help=f"the offline toy task on a tiny model, sized for a "
                    f"CPU: sets {shown} (flags given on the command line still win)")
     p.add_argument("--init", help="gpt2[-medium|-large|-xl], a Hugging Face directory, a checkpoint "
                    "directory, or scratch (with --n_layer/--n_head/--n_embd)")
-    p.add_argument("--data", help="Anthropic/hh-rlhf[:subset], a local directory or .jsonl/.json file, or toy")
-    p.add_argument("--out_dir", help="where the checkpoint and log.jsonl go")
+    p.add_argument("--data", help="a hub dataset (NAME or NAME:DIR, e.g. Anthropic/hh-rlhf:helpful-base), a "
+                   "directory of split files, a .jsonl/.json/.parquet/.csv file, or toy")
+    p.add_argument("--train_split", default="train", help="the training split's name in --data, e.g. train_prefs")
+    p.add_argument("--test_split", default="test", help="the held-out split's name in --data, e.g. test_prefs")
+    p.add_argument("--out_dir", help="where the checkpoint and log.jsonl go" +
+                   (f" (default: {out_dir_default})" if out_dir_default else ""))
     p.add_argument("--device", default="auto", help="auto (cuda if there is one, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), "
                    "float32, bfloat16, float16")

@@ -22,31 +22,33 @@ import torch
 from data import EOS, collate, dpo_batch, example, get_tokenizer, load_preferences, toy_reward, tokenize_pairs
 from dpo import pair_logps, reward_accuracy
 from model import GPT
-from runs import UserError, pick_device, user_errors
+from runs import HelpFormatter, UserError, pick_device, user_errors
 
 DEMO_MODELS = ["sft=out/demo/sft", "dpo=out/demo/dpo", "dpo-bad=out/demo/dpo-bad"]
 STOP_TEXT = "\n\nHuman:"  # the model starting the user's next turn: the reply is over
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--demo", action="store_true", help="compare the demo's sft, dpo and dpo-bad on toy prompts")
     p.add_argument("--model", action="append", default=[], metavar="[LABEL=]MODEL",
                    help="a checkpoint directory, Hugging Face directory or GPT-2 name; repeat for more")
     p.add_argument("--ref", help="reference model for KL and accuracy (default: the first --model)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for more")
-    p.add_argument("--prompts_file", help="a text file of prompts, separated by lines that are exactly ---")
-    p.add_argument("--data", help="take prompts from this source's test split; also gives the accuracy")
-    p.add_argument("--num_prompts", type=int, help="prompts taken from --data (default 8; 64 with --demo)")
-    p.add_argument("--max_new_tokens", type=int, help="default 128; 40 with --demo")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--prompts_file", help="a text file of prompts, separated by lines that are exactly --- (default: none)")
+    p.add_argument("--data", help="take prompts from this source's test split; also gives the accuracy (default: none)")
+    p.add_argument("--test_split", default="test", help="the held-out split's name in --data, e.g. test_prefs")
+    p.add_argument("--num_prompts", type=int, help="prompts taken from --data (default: 8; 64 with --demo)")
+    p.add_argument("--max_new_tokens", type=int, help="new tokens per sample, at most (default: 128; 40 with --demo)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy; 1 samples the model's own "
+                   "distribution (the KL estimate needs it)")
+    p.add_argument("--top_k", type=int, help="sample from the k likeliest tokens only (default: all)")
+    p.add_argument("--top_p", type=float, help="sample from the smallest set of tokens with this much "
+                   "probability (default: 1, all)")
+    p.add_argument("--seed", type=int, default=1337, help="prompt i is sampled with seed + i, for every model")
+    p.add_argument("--device", default="auto", help="auto (cuda if there is one, else cpu), cpu, cuda, ...")
     p.add_argument("--name", help="results/NAME.md and results/NAME.json (default: a timestamp)")
-    p.add_argument("--results_dir", default="results")
+    p.add_argument("--results_dir", default="results", help="where NAME.md, NAME.json and NAME.jsonl go")
     p.add_argument("--show", type=int, default=3, help="prompts printed side by side on the console")
     args = p.parse_args(argv)
     if args.demo:
@@ -89,7 +91,7 @@ def read_prompts(args):
         except OSError as e:
             raise UserError(f"cannot read --prompts_file {args.prompts_file}: {e.strerror}") from None
     if not prompts and args.data:
-        prompts = [p["prompt"] for p in load_preferences(args.data, "test")[:args.num_prompts]]
+        prompts = [p["prompt"] for p in load_preferences(args.data, "test", split_name=args.test_split)[:args.num_prompts]]
     if not prompts:
         raise UserError("no prompts: give --prompt, --prompts_file or --data")
     return prompts
@@ -98,7 +100,7 @@ def read_prompts(args):
 def response_logp(model, prompt_ids, response_ids, device):
     """log pi(response | prompt), summed over the response tokens."""
     input_ids, labels = (t.to(device) for t in collate([example(prompt_ids, response_ids)]))
-    return model.token_logps(input_ids, labels).sum().item()
+    return model(input_ids, labels).sum().item()
 
 
 @torch.no_grad()
@@ -124,7 +126,7 @@ def compare(args):
     prompts = read_prompts(args)
     pairs = None
     if args.data:
-        pairs = tokenize_pairs(load_preferences(args.data, "test", verbose=False)[:256], 512, 256,
+        pairs = tokenize_pairs(load_preferences(args.data, "test", verbose=False, split_name=args.test_split)[:256], 512, 256,
                                tokenizer, verbose=False)
         context = min(m.config.block_size for m in models.values())
         pairs = [p for p in pairs if len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) <= context]

@@ -60,7 +60,7 @@ def get_lr(step, args):
 def sft_loss(model, input_ids, labels, n_tokens):
     """This micro-batch's share of the effective batch's loss: its response tokens' negative
     log-likelihood, summed, over n_tokens, the number of response tokens in the whole effective batch."""
-    return -model.token_logps(input_ids, labels).sum() / n_tokens
+    return -model(input_ids, labels).sum() / n_tokens
 
 
 @torch.no_grad()
@@ -71,7 +71,7 @@ def evaluate(model, examples, args, ctx):
     for start in range(0, min(len(examples), args.eval_batches * args.batch_size), args.batch_size):
         input_ids, labels = (t.to(args.device) for t in collate(examples[start:start + args.batch_size]))
         with ctx:
-            total_logp += model.token_logps(input_ids, labels).sum().item()
+            total_logp += model(input_ids, labels).sum().item()
         total_tokens += (labels != IGNORE_INDEX).sum().item()
     model.train()
     return -total_logp / total_tokens
@@ -82,8 +82,10 @@ def train(args):
     compute = compute_init(args)
 
     # data: every (prompt, response) of the target as one example; labels only on the response
-    train_pairs = tokenize_pairs(load_preferences(args.data, "train"), args.max_len, args.max_prompt_len)
-    test_pairs = tokenize_pairs(load_preferences(args.data, "test"), args.max_len, args.max_prompt_len)
+    train_pairs = tokenize_pairs(load_preferences(args.data, "train", split_name=args.train_split), args.max_len,
+                                 args.max_prompt_len)
+    test_pairs = tokenize_pairs(load_preferences(args.data, "test", split_name=args.test_split), args.max_len,
+                                args.max_prompt_len)
     train_examples = sft_examples(train_pairs, args.target)
     test_examples = sft_examples(test_pairs, args.target)
 

@@ -18,7 +18,8 @@ import torch
 
 import data
 from conftest import HH_TEST, ROOT, run_script
-from model import IGNORE_INDEX, UserError
+from model import IGNORE_INDEX
+from runs import UserError
 
 HH_DIR = os.path.dirname(HH_TEST)
 EOS_TEXT = "<|endoftext|>"

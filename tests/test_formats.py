@@ -8,7 +8,7 @@ import pytest
 
 import data
 from conftest import HH_TEST
-from model import UserError
+from runs import UserError
 
 HH_PROMPT = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: how do I boil an egg?\n\nAssistant:"
 CONTEXT = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"},

@@ -1,5 +1,5 @@
 """model.py against its claims: the port equals transformers' GPT2LMHeadModel, weights go in and out in
-Hugging Face's layout, token_logps and the KV cache change no numbers, checkpoints survive a crash,
+Hugging Face's layout, the log-probs with labels and the KV cache change no numbers, checkpoints survive a crash,
 and bad input gives one line a user can act on.
 
 transformers is the oracle here only; the tiny random models it builds (conftest.make_hf_gpt2) stand
@@ -155,7 +155,7 @@ def test_top_k_and_top_p_keep_only_their_tokens():
 
 
 # ----------------------------------------------------------------------------------------------------
-# token_logps: the response-only, chunked head gives the full head's numbers and gradients
+# the forward with labels: the response-only, chunked head gives the full head's numbers and gradients
 
 def labels_for(idx, prompt_lengths, lengths):
     """data.py's convention: labels[t] = idx[t + 1] on response tokens, IGNORE_INDEX on prompt and padding."""
@@ -166,7 +166,7 @@ def labels_for(idx, prompt_lengths, lengths):
 
 
 @pytest.mark.parametrize("rows_per_chunk", [None, 3], ids=["default_chunks", "3_rows_per_chunk"])
-def test_token_logps_equal_full_log_softmax(monkeypatch, rows_per_chunk):
+def test_label_log_probs_equal_full_log_softmax(monkeypatch, rows_per_chunk):
     if rows_per_chunk is not None:
         # a budget of 3 rows of logits: the chunk loop runs several times and ends on a partial chunk
         monkeypatch.setattr(model.LabelLogProbs, "BUDGET", {"cpu": rows_per_chunk * 4 * 64})
@@ -177,7 +177,7 @@ def test_token_logps_equal_full_log_softmax(monkeypatch, rows_per_chunk):
     # an arbitrary weighted sum as the loss, so every position's gradient counts, each differently
     weights = torch.randn(labels.shape, generator=torch.Generator().manual_seed(0))
 
-    logps = gpt.token_logps(idx, labels)
+    logps = gpt(idx, labels)
     (logps * weights).sum().backward()
     grads = {name: p.grad.clone() for name, p in gpt.named_parameters()}
     gpt.zero_grad()
@@ -192,11 +192,11 @@ def test_token_logps_equal_full_log_softmax(monkeypatch, rows_per_chunk):
         torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
 
 
-def test_token_logps_with_no_labelled_token():
+def test_label_log_probs_with_no_labelled_token():
     # a batch whose responses were all cut by truncation: zeros and a zero gradient, not a crash
     gpt = tiny_gpt()
     idx = random_tokens(64, (2, 8))
-    logps = gpt.token_logps(idx, torch.full_like(idx, model.IGNORE_INDEX))
+    logps = gpt(idx, torch.full_like(idx, model.IGNORE_INDEX))
     logps.sum().backward()
     assert (logps == 0).all()
     assert gpt.lm_head.weight.grad.abs().max() == 0

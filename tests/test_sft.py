@@ -85,15 +85,15 @@ def test_sft_end_to_end_on_real_hh_pairs(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real = GPT.token_logps
+    real = GPT.forward
     calls = {"n": 0}
 
-    def poisoned(self, idx, labels):
+    def poisoned(self, idx, labels=None, **kwargs):
         calls["n"] += self.training  # count training forwards only
-        out = real(self, idx, labels)
+        out = real(self, idx, labels, **kwargs)
         return out * float("nan") if self.training and calls["n"] > 3 else out
 
-    monkeypatch.setattr(GPT, "token_logps", poisoned)
+    monkeypatch.setattr(GPT, "forward", poisoned)
     with pytest.raises(SystemExit) as exit_info:
         sft.main(["--demo", "--max_iters", "10", "--eval_interval", "2", "--eval_batches", "1",
                   "--batch_size", "4", "--out_dir", str(tmp_path)] + TINY)
