@@ -15,7 +15,6 @@ reference costs the forward third of that (2 N, 2 L T C, 2 C V). The recomputed 
     python bench.py --model gpt2-medium --dtype bfloat16 --compile
     python bench.py --n_layer 6 --n_head 6 --n_embd 384 --batch_size 4 --seq_len 256 --device cpu
 """
-import argparse
 import resource
 import statistics
 import time
@@ -25,7 +24,7 @@ import torch
 import dpo
 import sft
 from model import GPT, GPT2_SIZES, IGNORE_INDEX, GPTConfig
-from runs import HelpFormatter, UserError, compute_init, make_optimizer, user_errors
+from runs import ArgumentParser, HelpFormatter, UserError, compute_init, make_optimizer, user_errors
 
 # dense peak TFLOP/s by GPU name and dtype (vendor datasheets; SXM parts); TF32 stands in for fp32
 PEAK_TFLOPS = {"H100": {"bfloat16": 989, "float16": 989, "float32": 494},
@@ -34,7 +33,7 @@ PEAK_TFLOPS = {"H100": {"bfloat16": 989, "float16": 989, "float32": 494},
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default="gpt2", choices=list(GPT2_SIZES), help="shape (weights are random)")
     p.add_argument("--n_layer", type=int, help="override the shape's layers (default: --model's)")
     p.add_argument("--n_head", type=int, help="override the shape's heads (default: --model's)")

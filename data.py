@@ -33,7 +33,6 @@ Formats, detected from the fields of each record (one format per source):
 
     python data.py --inspect --data toy
 """
-import argparse
 import collections
 import contextlib
 import gzip
@@ -47,7 +46,7 @@ import zlib
 import torch
 
 from model import IGNORE_INDEX
-from runs import HelpFormatter, UserError, user_errors
+from runs import ArgumentParser, HelpFormatter, UserError, user_errors
 
 EOS = 50256           # <|endoftext|>: appended to every response and trained on, so the model learns to stop
 HUMAN = "\n\nHuman:"
@@ -662,7 +661,7 @@ def inspect(source, split, max_len, max_prompt_len, split_name=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--inspect", action="store_true",
                         help="print the load summary, the first pair as text, token lengths and one example")
     parser.add_argument("--data", default="toy", help="a hub name (NAME or NAME:DIR), a directory of split "

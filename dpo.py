@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from data import batch_indices, dpo_batch, load_preferences, packed_dpo_batch, tokenize_pairs
 from model import GPT2_SIZES, load_model
-from runs import (CtrlC, RunLog, UserError, compute_init, make_optimizer, parse_training_arguments, resume,
-                  save_checkpoint, scratch_shape, stop_on_non_finite, training_arguments, user_errors)
+from runs import (OutDir, RunLog, StopSignals, UserError, compute_init, load_checkpoint, make_optimizer,
+                  parse_training_arguments, resume, scratch_shape, training_arguments, user_errors)
 
 # The paper's settings (sec. 6 and app. B): beta 0.1, batch 64, RMSprop at lr 1e-6 with 150 warmup steps;
 # one epoch of HH's 160k pairs is 2,500 steps of 64.
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--share_prompt", action="store_true", help="run each pair as one row, its prompt "
                         "once (data.packed_dpo_batch): same log-probs, fewer tokens")
     parser.add_argument("--swap", action="store_true", help="train on rejected responses as if preferred "
-                        "(the 'bad' model); evaluation still uses the true preferences")
+                        "(the \"bad\" model); evaluation still uses the true preferences")
     args = parse_training_arguments(parser, DEMO, argv)
     if not args.beta > 0:
         parser.error(f"--beta must be positive, got {args.beta}")
@@ -66,7 +66,12 @@ def parse_args(argv=None):
     if args.out_dir is None:
         stem = "out/demo/dpo" if args.demo else "out/dpo"
         args.out_dir = stem + ("-bad" if args.swap else "")
+    ref_given = args.ref is not None
     args.ref = args.ref or args.init
+    try:
+        require_models(args, ref_given)
+    except UserError as e:
+        parser.error(str(e))
     return args
 
 
@@ -119,12 +124,21 @@ def pair_logps(model, batch):
 # ----------------------------------------------------------------------------------------------------
 # The loop
 
-def require_models(args):
-    """Fail in one line before any data is loaded if --init or --ref names nothing."""
+def require_models(args, ref_given):
+    """Fail in one line, before anything is loaded or written, if --init or --ref names nothing, if the
+    run would write over them, or if the reference would silently be a DPO policy."""
     for name in {args.init, args.ref}:
         if name not in GPT2_SIZES and name != "scratch" and not os.path.exists(name):
             raise UserError(f"no model at {name}: run `python sft.py{' --demo' if args.demo else ''}` first, "
                             "or pass --init gpt2 (and --ref) to start from the pretrained model")
+        if os.path.exists(name) and os.path.realpath(name) == os.path.realpath(args.out_dir):
+            raise UserError(f"--out_dir {args.out_dir} is also the model DPO starts from or compares with; "
+                            "writing there would replace it: give another --out_dir")
+    init_checkpoint = os.path.join(args.init, "ckpt.pt")
+    if not ref_given and os.path.isfile(init_checkpoint) and load_checkpoint(init_checkpoint).get("stage") == "dpo":
+        # a DPO policy is no reference: the run that made it compared it with its own SFT model
+        raise UserError(f"--init {args.init} is a DPO run, so --ref would default to that DPO policy rather "
+                        "than the SFT model it was trained against: pass --ref explicitly (e.g. that SFT model)")
 
 
 def load_models(args):
@@ -224,17 +238,25 @@ def evaluate(policy, reference, pairs, ref_cache, args, ctx):
     return means(total, n)
 
 
-def train(args):
+# The divergence watchdog: a warning when the policy gives the held-out chosen responses this many nats
+# less (per pair, on average) than the reference does. DPO only asks the chosen-minus-rejected margin to
+# grow, and lowering both log-probs is a cheap way to grow it; a little is normal (README, "Healthy
+# curves"), but 5 nats means e^5 = 148 times less likely: the mass is going to text in neither response.
+WATCHDOG_NATS = 5.0
+
+
+def train(args, out):
     torch.manual_seed(args.seed)
     compute = compute_init(args)
 
-    require_models(args)
     train_pairs = tokenize_pairs(load_preferences(args.data, "train", split_name=args.train_split), args.max_len,
                                  args.max_prompt_len)
     test_pairs = tokenize_pairs(load_preferences(args.data, "test", split_name=args.test_split), args.max_len,
                                 args.max_prompt_len)
     if args.swap:  # the "bad" model: learn to prefer what the annotators rejected
         train_pairs = [{"prompt": p["prompt"], "chosen": p["rejected"], "rejected": p["chosen"]} for p in train_pairs]
+    if args.batch_size > len(train_pairs):
+        raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_pairs)} training pairs")
 
     policy, reference = load_models(args)
     train_ref = test_ref = None
@@ -247,26 +269,41 @@ def train(args):
         print(f"reference log-probs of {len(train_pairs) + len(test_pairs)} pairs in {time.time() - t0:.1f}s")
 
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, args.device, kind=args.optimizer)
-    start = resume(args.out_dir, policy, optimizer, compute.scaler) if args.resume else 0
+    start = resume(out, policy, optimizer, compute.scaler) if args.resume else 0
     if args.compile:
         policy.compile()
         if reference is not None:
             reference.compile()
-    log = RunLog(args.out_dir, start)
+    log = RunLog(args.out_dir, start)  # the first write to OUT_DIR: everything above can still refuse
     pairs_per_step = args.batch_size * args.grad_accum
     print(f"{policy.num_params() / 1e6:.1f}M parameters, {args.device}, {args.dtype}; beta {args.beta}, "
           f"{args.loss_type} loss; effective batch {args.batch_size} x {args.grad_accum} = {pairs_per_step} pairs")
 
     def save(step):
-        save_checkpoint(args.out_dir, policy, optimizer, compute.scaler, step, args)
+        out.save(step, policy, optimizer, compute.scaler)
+
+    n_eval = min(len(test_pairs), args.eval_batches * args.batch_size)
+    eval_chosen_tokens = sum(len(pair["chosen"]) for pair in test_pairs[:n_eval]) / n_eval
+    warned = False
 
     def log_eval(step):
-        log({"iter": step, "split": "test", **evaluate(policy, reference, test_pairs, test_ref, args, compute.autocast)})
+        """Evaluate and log; stop (saving nothing) if the model is broken, warn if it runs away."""
+        nonlocal warned
+        metrics = evaluate(policy, reference, test_pairs, test_ref, args, compute.autocast)
+        log({"iter": step, "split": "test", **metrics})
+        out.check(step, metrics["loss"], -metrics["logps/chosen"] / eval_chosen_tokens, "held-out chosen")
+        drop = -metrics["rewards/chosen"] / args.beta  # log pi_ref(y_w|x) - log pi(y_w|x), mean over pairs
+        if drop > WATCHDOG_NATS and not warned:
+            print(f"warning: at step {step} the policy gives the held-out chosen responses {drop:.1f} nats less "
+                  f"than the reference does (over {WATCHDOG_NATS:g}): probability is going to text in neither "
+                  "response and samples may degrade; try a lower --lr or a higher --beta", flush=True)
+            warned = True
 
-    with CtrlC() as ctrl_c:
+    with StopSignals() as stop:
         for step in range(start, args.max_iters):
-            # evaluate, then save, every eval_interval steps. A resumed run skips the eval at its first
-            # step (the run it continues logged it) and saves only after a step of its own.
+            # evaluate every eval_interval steps, then save, the model having passed that eval. A resumed
+            # run skips the eval at its first step (the run it continues logged it) and saves only after
+            # a step of its own.
             if args.eval_interval and step % args.eval_interval == 0 and not (start and step == start):
                 log_eval(step)
                 if step > start:
@@ -277,7 +314,7 @@ def train(args):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.time()
-            total, n_tokens = None, 0
+            total, n_tokens, chosen_tokens = None, 0, 0
             for micro in range(args.grad_accum):
                 indices = batch_indices(len(train_pairs), args.batch_size, step * args.grad_accum + micro, args.seed)
                 batch = make_batch(train_pairs, indices, args)
@@ -293,8 +330,10 @@ def train(args):
                 total = add_sums(total, metric_sums(losses, chosen_rewards, rejected_rewards, policy_chosen,
                                                     policy_rejected))
                 n_tokens += batch[0].numel()
+                chosen_tokens += sum(len(train_pairs[i]["chosen"]) for i in indices)
             metrics = means(total, pairs_per_step)  # the step's one device-to-host copy
-            stop_on_non_finite(metrics["loss"], step, args)
+            out.check(step + 1, metrics["loss"], -metrics["logps/chosen"] * pairs_per_step / chosen_tokens,
+                      "training chosen")  # step + 1: as log.jsonl numbers this step
             compute.scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
             compute.scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
@@ -304,20 +343,21 @@ def train(args):
             dt = time.time() - t0
             log({"iter": step + 1, "split": "train", **metrics, "grad_norm": grad_norm.item(), "lr": lr,
                  "dt_ms": dt * 1000, "tokens_per_s": n_tokens / dt})
-            if ctrl_c.pressed:
+            if stop.received:
                 save(step + 1)
-                print(f"saved {args.out_dir}/ckpt.pt at step {step + 1}; continue with --resume")
+                print(f"stopped by {stop.received}: saved {out.ckpt} at step {step + 1}; continue with --resume")
                 return
 
-    log_eval(args.max_iters)
-    save(args.max_iters)
-    print(f"saved {args.out_dir}/ckpt.pt")
+        # the final checkpoint first, so that a crash or Ctrl-C in the final eval loses nothing
+        save(args.max_iters)
+        print(f"saved {out.ckpt} at step {args.max_iters}")
+        log_eval(args.max_iters)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    with user_errors():
-        train(args)
+    with user_errors(), OutDir(args, "dpo") as out:  # OutDir refuses before any data or model is loaded
+        train(args, out)
 
 
 if __name__ == "__main__":

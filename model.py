@@ -303,8 +303,13 @@ class GPT(nn.Module):
             raise UserError(f"unknown model {name_or_dir!r}: use one of {', '.join(GPT2_SIZES)}, a Hugging "
                             "Face directory (config.json + model.safetensors) or a checkpoint directory")
         from safetensors.torch import load_file
+        try:
+            state = load_file(weights)
+        except Exception as e:  # a torn download, a file that is not safetensors
+            raise UserError(f"{weights} is not a readable safetensors file ({type(e).__name__}); download or "
+                            "save it again") from None
         model = cls(config)
-        model.load_weights(hf_to_ours(load_file(weights), config), where=weights)
+        model.load_weights(hf_to_ours(state, config), where=weights)
         return model.to(device)
 
     def load_weights(self, state, where="checkpoint"):
@@ -388,13 +393,19 @@ def _read_hf_config(directory):
     try:
         with open(path) as f:
             hf = json.load(f)
-        return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                         n_head=hf["n_head"], n_embd=hf["n_embd"])
+        fields = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                      n_head=hf["n_head"], n_embd=hf["n_embd"])
     except FileNotFoundError:
         raise UserError(f"{directory} has no config.json; give a directory written by save_pretrained, "
                         "a checkpoint directory, or a GPT-2 name") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a GPT-2 config ({type(e).__name__}: {e})") from None
+    for name, value in fields.items():
+        if type(value) is not int or value < 1:  # bool is an int to Python, not here
+            raise UserError(f"{path}: {name} is {value!r}, expected a positive whole number")
+    if fields["n_embd"] % fields["n_head"]:
+        raise UserError(f"{path}: n_embd {fields['n_embd']} is not a multiple of n_head {fields['n_head']}")
+    return GPTConfig(**fields)
 
 
 def _download_weights(name):

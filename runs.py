@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 from dataclasses import asdict, dataclass
 
@@ -26,10 +27,19 @@ def user_errors():
         yield
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which handles its own): no traceback
+        sys.exit("interrupted; nothing was written")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Flags
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported in one line (argparse prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
 
 class HelpFormatter(argparse.HelpFormatter):
     """--help shows each flag's default once: argparse's value, or the help text's own "(default: ...)"
@@ -45,7 +55,7 @@ class HelpFormatter(argparse.HelpFormatter):
 def training_arguments(description, defaults, demo, out_dir_default=None):
     """The flags sft.py and dpo.py share; each script adds its own, then calls parse_training_arguments.
     out_dir_default: the help text's words for a default computed later (None to argparse)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=HelpFormatter)
     shown = ", ".join(f"--{k} {v}" for k, v in demo.items())
     p.add_argument("--demo", action="store_true", help=f"the offline toy task on a tiny model, sized for a "
                    f"CPU: sets {shown} (flags given on the command line still win)")
@@ -74,7 +84,11 @@ def training_arguments(description, defaults, demo, out_dir_default=None):
     p.add_argument("--eval_batches", type=int, default=20, help="micro-batches of the test split per eval")
     p.add_argument("--seed", type=int, default=1337, help="weights of a scratch model, data order, dropout")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (needs a C compiler on a CPU)")
-    p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its ckpt.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its ckpt.pt, with "
+                   "the same flags (only --max_iters upward, --eval_interval, --eval_batches, --device, --dtype "
+                   "and --compile may change)")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an OUT_DIR that holds one, "
+                   "replacing its checkpoint and log")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout probability while training")
     p.add_argument("--n_layer", type=int, default=2, help="with --init scratch")
     p.add_argument("--n_head", type=int, default=4, help="with --init scratch")
@@ -92,16 +106,28 @@ def parse_training_arguments(parser, demo, argv=None):
         parser.set_defaults(**demo)
     args = parser.parse_args(argv)
     args.max_prompt_len = args.max_prompt_len or args.max_len // 2
-    for name in ("batch_size", "grad_accum", "max_len", "max_prompt_len", "max_iters", "eval_batches"):
+    for name in ("batch_size", "grad_accum", "max_len", "max_prompt_len", "max_iters", "eval_batches",
+                 "n_layer", "n_head", "n_embd"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.lr <= 0 or args.warmup < 0 or args.eval_interval < 0:
-        parser.error("--lr must be positive, --warmup and --eval_interval not negative")
+    for name in ("warmup", "eval_interval", "weight_decay", "grad_clip"):
+        if not getattr(args, name) >= 0:  # `not >=` also refuses nan
+            parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout is a probability in [0, 1), got {args.dropout}")
     if args.init == "scratch" and args.n_embd % args.n_head:
         parser.error(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head}")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in OUT_DIR, --overwrite replaces it: pass one")
     if args.compile and not torch.cuda.is_available() and not shutil.which(os.environ.get("CC", "cc")):
         parser.error("--compile on a CPU needs a C compiler (torch.compile writes C++ kernels): install gcc "
                      "or drop --compile")
+    try:
+        pick_device(args.device)
+    except UserError as e:
+        parser.error(str(e))
     return args
 
 
@@ -142,10 +168,23 @@ def compute_init(args):
 
 
 def pick_device(device):
+    """"auto", "cpu", "cuda", "cuda:N" or "mps", refused in one line when this machine has no such device."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device == "cpu":
+        return device
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("--device mps asked for, but this machine has no Apple GPU; use --device cpu")
+        return device
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not (index == "" or index.isdigit()):
+        raise UserError(f"--device {device} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    if not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for, but this machine has no CUDA GPU; use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -173,7 +212,160 @@ def make_optimizer(model, lr, weight_decay, device, kind="adamw", betas=(0.9, 0.
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
+# The run directory: one run an out_dir, never lost by accident, never saved broken
+
+# Flags that define the experiment: --resume refuses when one differs from the checkpoint's. The rest
+# may change on resume: --max_iters (upward), --eval_interval, --eval_batches (what is measured, and
+# when), --device, --dtype, --compile (where and how fast, not what is trained).
+SAME_ON_RESUME = ("init", "ref", "data", "train_split", "test_split", "target", "swap", "beta", "loss_type",
+                  "label_smoothing", "optimizer", "batch_size", "grad_accum", "max_len", "max_prompt_len", "seed",
+                  "lr", "warmup", "lr_decay_iters", "weight_decay", "grad_clip", "dropout", "share_prompt",
+                  "precompute_ref", "n_layer", "n_head", "n_embd")
+SCRATCH_ONLY = ("n_layer", "n_head", "n_embd")  # they shape the model only with --init scratch
+
+# Nats per token of a uniform guess over GPT-2's 50,257 tokens. A model that gives the text it is
+# trained on more than twice that has diverged: even a fresh random model scores about 1x.
+UNIFORM_NLL = math.log(50257)
+
+
+class OutDir:
+    """OUT_DIR, claimed for one run. On entry it takes a lock (OUT_DIR/run.lock holds the PID; a lock
+    whose process has ended is stale and replaced) and checks, before any data or model is loaded:
+    that a new run does not land on a saved one, and that --resume continues the same experiment. It
+    keeps track of the last good checkpoint, so every stop can say where it is."""
+
+    def __init__(self, args, stage):
+        self.args, self.stage = args, stage
+        self.path = args.out_dir
+        self.ckpt = os.path.join(self.path, "ckpt.pt")
+        self.lock = os.path.join(self.path, "run.lock")
+        self.checkpoint = None   # with --resume: the checkpoint to continue from
+        self.saved_step = None   # the step of the last good checkpoint in OUT_DIR, if any
+
+    def __enter__(self):
+        self.created = not os.path.exists(self.path)
+        self._take_lock()
+        try:
+            self._check_checkpoint()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        if os.path.exists(self.lock):
+            os.remove(self.lock)
+        if self.created and not os.listdir(self.path):
+            os.rmdir(self.path)  # a run refused before it wrote anything leaves nothing behind
+
+    def _take_lock(self):
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UserError(f"--out_dir {self.path} is a file; give a directory")
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            try:
+                descriptor = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                self._clear_stale_lock()
+                descriptor = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            raise UserError(f"another run took {self.lock} just now; use another --out_dir") from None
+        except OSError as e:
+            raise UserError(f"cannot write to --out_dir {self.path} ({e.strerror}); give a directory you "
+                            "can write to") from None
+        with os.fdopen(descriptor, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+
+    def _clear_stale_lock(self):
+        try:
+            with open(self.lock) as f:
+                pid, host = f.read().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            pid, host = None, None  # unreadable: a lock torn by a crash while it was written
+        if pid is not None and (host != socket.gethostname() or _process_alive(pid)):
+            where = "" if host == socket.gethostname() else f" on {host}"
+            raise UserError(f"{self.path} is in use by another run (PID {pid}{where}); wait for it to end or "
+                            f"use another --out_dir (if no such run exists, delete {self.lock})")
+        print(f"note: {self.lock} was left by a run that has ended (PID {pid}); taking it over")
+        os.remove(self.lock)
+
+    def _check_checkpoint(self):
+        args, exists = self.args, os.path.isfile(self.ckpt)
+        if not args.resume:
+            if exists and not args.overwrite:
+                raise UserError(f"{self.path} holds a run{self._step_of_existing()}: pass --resume to continue "
+                                "it, --overwrite to replace it, or another --out_dir")
+            return
+        if not exists:
+            raise UserError(f"--resume: {self.path} holds no ckpt.pt to continue; drop --resume to start a run")
+        checkpoint = load_checkpoint(self.ckpt, resuming=True)
+        written_by = checkpoint.get("stage")
+        if written_by is not None and written_by != self.stage:
+            raise UserError(f"{self.ckpt} was written by {written_by}.py: resume it with {written_by}.py, or give "
+                            f"{self.stage}.py another --out_dir")
+        differences = []
+        for name in SAME_ON_RESUME:
+            if name not in checkpoint["args"] or not hasattr(args, name):
+                continue
+            if name in SCRATCH_ONLY and args.init != "scratch":
+                continue
+            saved, now = checkpoint["args"][name], getattr(args, name)
+            if saved != now:
+                differences.append(f"--{name}: {saved} in the checkpoint, {now} now")
+        if differences:
+            hint = ""
+            if any(d.startswith("--lr_decay_iters") for d in differences):
+                hint = " (--lr_decay_iters defaults to --max_iters: pass the checkpoint's to keep its schedule)"
+            raise UserError(f"--resume continues the same experiment, but {'; '.join(differences)}{hint}; pass "
+                            "the checkpoint's values, or start a new run in another --out_dir")
+        if args.max_iters <= checkpoint["iter"]:
+            raise UserError(f"--max_iters {args.max_iters}: the run in {self.path} is already at step "
+                            f"{checkpoint['iter']}; pass a larger --max_iters to train further")
+        self.checkpoint, self.saved_step = checkpoint, checkpoint["iter"]
+
+    def _step_of_existing(self):
+        try:
+            return f" at step {load_checkpoint(self.ckpt)['iter']}"
+        except (UserError, KeyError):
+            return " (its ckpt.pt is unreadable)"
+
+    def kept(self):
+        """Where the last good checkpoint is, for every message that stops a run."""
+        if self.saved_step is None:
+            return f"no checkpoint was saved in {self.path} by this run"
+        return f"the last good checkpoint, step {self.saved_step}, is kept in {self.ckpt}"
+
+    def save(self, step, model, optimizer, scaler):
+        try:
+            save_checkpoint(self.path, model, optimizer, scaler, step, self.args, self.stage)
+        except OSError as e:  # a full disk, a quota: the old file is whole (atomic_write)
+            raise UserError(f"could not write the step-{step} checkpoint to {self.ckpt} ({e.strerror or e}); "
+                            f"{self.kept()}") from None
+        self.saved_step = step
+
+    def check(self, step, loss, nll_per_token, what):
+        """Stop the run before anything else is saved if the loss is not finite, or if the model gives
+        the text it learns from more than 2 x UNIFORM_NLL nats per token (diverged)."""
+        if not math.isfinite(loss):
+            gpu_tip = " or --dtype bfloat16 if this GPU has it" if self.args.dtype == "float16" else ""
+            raise UserError(f"the {what} loss is {loss} at step {step}: stopped; {self.kept()}. Try a lower "
+                            f"--lr{gpu_tip}")
+        if not nll_per_token <= 2 * UNIFORM_NLL:
+            raise UserError(f"at step {step} the model gives the {what} text {nll_per_token:.4g} nats per token, "
+                            f"worse than twice a uniform guess ({2 * UNIFORM_NLL:.1f}): it has diverged. Stopped; "
+                            f"{self.kept()}. Try a lower --lr")
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: no signal, only the check that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
 
 def atomic_write(path, write):
     """write(tmp_path), then rename over path: a crash midway leaves the old file whole."""
@@ -186,7 +378,7 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def save_checkpoint(out_dir, model, optimizer, scaler, iteration, args):
+def save_checkpoint(out_dir, model, optimizer, scaler, iteration, args, stage=None):
     """OUT_DIR/ckpt.pt of plain types only, so torch.load(..., weights_only=True) reads it. Scripts
     compile in place (model.compile()), so the state_dict keys are the plain model's."""
     checkpoint = {
@@ -195,6 +387,7 @@ def save_checkpoint(out_dir, model, optimizer, scaler, iteration, args):
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "iter": iteration,
+        "stage": stage,  # which script wrote it: "sft" or "dpo"
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -203,39 +396,41 @@ def save_checkpoint(out_dir, model, optimizer, scaler, iteration, args):
     atomic_write(os.path.join(out_dir, "ckpt.pt"), lambda path: torch.save(checkpoint, path))
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, resuming=False):
+    """A ckpt.pt of ours, memory-mapped (tensors are read when used). Anything else is one line."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # not a zip, a torn file, random bytes: PyTorch's advice would only mislead here
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); it should be a ckpt.pt "
+                        "written by sft.py or dpo.py") from None
+    needed = ("model", "config", "optimizer", "iter", "args", "rng") if resuming else ("model", "config")
+    missing = [key for key in needed if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise UserError(f"{path} is not a checkpoint of ours (no {', '.join(missing)}); it should be a ckpt.pt "
+                        "written by sft.py or dpo.py")
+    return checkpoint
 
 
 def resume(out_dir, model, optimizer, scaler):
-    """Load OUT_DIR/ckpt.pt into model, optimizer and scaler, restore the RNGs; the step to go on from."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    checkpoint = load_checkpoint(path)
+    """Load the checkpoint OutDir checked into model, optimizer and scaler, restore the RNGs; the step
+    to go on from."""
+    path, checkpoint = out_dir.ckpt, out_dir.checkpoint
     model.load_weights(checkpoint["model"], where=path)
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (ValueError, KeyError) as e:
         raise UserError(f"the optimizer state in {path} does not fit this run's optimizer ({e}); resume "
                         "with the flags of the run that wrote it") from None
-    if checkpoint["scaler"] is not None:
+    if checkpoint["scaler"] is not None and scaler.is_enabled():
         scaler.load_state_dict(checkpoint["scaler"])
     torch.set_rng_state(checkpoint["rng"]["cpu"])  # dropout masks continue as in a straight run
     if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
     print(f"resuming from step {checkpoint['iter']}")
+    out_dir.checkpoint = None  # the tensors now live in the model and optimizer
     return checkpoint["iter"]
-
-
-def stop_on_non_finite(loss, step, args):
-    """A NaN or infinite loss ends the run before the optimizer step, so no checkpoint holds it."""
-    if not math.isfinite(loss):
-        raise UserError(f"loss is {loss} at step {step}; stopped, the last good checkpoint in {args.out_dir} is "
-                        "kept. Try a lower --lr or --dtype bfloat16")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,18 +438,24 @@ def stop_on_non_finite(loss, step, args):
 
 class RunLog:
     """One JSON object a line in OUT_DIR/log.jsonl, and a console line. A run resumed from step
-    `start` keeps the records up to that step: those after it (logged before a crash, but not in the
-    checkpoint) are about to be done again."""
+    `start` keeps the records up to that step (in self.kept): those after it (logged before a crash,
+    but not in the checkpoint) are about to be done again. A line cut off by a crash is dropped."""
 
     def __init__(self, out_dir, start=0):
-        os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "log.jsonl")
-        kept = []
+        self.kept = []
         if start and os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["iter"] <= start]
+                for number, line in enumerate(f, start=1):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        print(f"note: {self.path}:{number} is not a whole record (cut off by a crash?); dropped")
+                        continue
+                    if record["iter"] <= start:
+                        self.kept.append(record)
         with open(self.path, "w") as f:
-            f.writelines(kept)
+            f.writelines(json.dumps(record) + "\n" for record in self.kept)
 
     def __call__(self, record):
         with open(self.path, "a") as f:
@@ -267,17 +468,24 @@ def _short(value):
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-class CtrlC:
-    """Ctrl-C sets a flag instead of killing the run, so the loop can save a checkpoint and stop."""
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (what `kill` and cluster schedulers send) set self.received instead
+    of killing the run, so the loop can finish its step, save a checkpoint and stop. A second signal
+    while stopping is only reported: it cannot interrupt the save."""
 
     def __enter__(self):
-        self.pressed = False
-        self.previous = signal.signal(signal.SIGINT, self._handler)
+        self.received = None
+        self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handler(self, signum, frame):
-        print("\nCtrl-C: finishing this step, saving a checkpoint, then stopping", flush=True)
-        self.pressed = True
+        name = signal.Signals(signum).name
+        if self.received:
+            print(f"\n{name}: already stopping after this step", flush=True)
+            return
+        self.received = name
+        print(f"\n{name}: finishing this step, saving a checkpoint, then stopping", flush=True)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

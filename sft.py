@@ -8,7 +8,7 @@ leaves DPO little to learn (see README, "Pitfalls").
 
     python sft.py                      # gpt2 on Anthropic/hh-rlhf, one GPU
     python sft.py --demo               # toy task, tiny model from scratch, a minute on a CPU
-    python sft.py --target rejected    # the "bad" reference: SFT on the rejected responses
+    python sft.py --target rejected    # a contrast: SFT that imitates the rejected responses
 """
 import math
 import time
@@ -17,8 +17,8 @@ import torch
 
 from data import batch_indices, collate, load_preferences, sft_examples, tokenize_pairs
 from model import IGNORE_INDEX, load_model
-from runs import (CtrlC, RunLog, compute_init, make_optimizer, parse_training_arguments, resume, save_checkpoint,
-                  scratch_shape, stop_on_non_finite, training_arguments, user_errors)
+from runs import (UNIFORM_NLL, OutDir, RunLog, StopSignals, UserError, compute_init, make_optimizer,
+                  parse_training_arguments, resume, scratch_shape, training_arguments, user_errors)
 
 # Defaults for GPT-2 small on HH-RLHF on one GPU: 64 examples a step, about 0.6 epochs of HH's 160k
 # pairs, so the reference stays short of convergence.
@@ -34,11 +34,13 @@ DEMO = dict(init="scratch", data="toy", out_dir="out/demo/sft", batch_size=32, g
 def parse_args(argv=None):
     parser = training_arguments(__doc__.splitlines()[0], DEFAULTS, DEMO)
     parser.add_argument("--target", choices=["chosen", "rejected", "both"],
-                        help="responses to imitate: chosen (pi_ref for DPO), rejected (a bad reference), or "
+                        help="responses to imitate: chosen (pi_ref for DPO), rejected (a contrast), or "
                         "both (the demo: an SFT model that shows both behaviours, so DPO has a choice to make)")
     parser.add_argument("--lr_decay_iters", type=int, help="the cosine decay ends here (default: max_iters); "
                         "set it to run part of a schedule now and --resume the rest later")
     args = parse_training_arguments(parser, DEMO, argv)
+    if args.lr_decay_iters is not None and args.lr_decay_iters < 0:
+        parser.error(f"--lr_decay_iters must not be negative, got {args.lr_decay_iters}")
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
     return args
 
@@ -77,7 +79,7 @@ def evaluate(model, examples, args, ctx):
     return -total_logp / total_tokens
 
 
-def train(args):
+def train(args, out):
     torch.manual_seed(args.seed)
     compute = compute_init(args)
 
@@ -88,13 +90,15 @@ def train(args):
                                 args.max_prompt_len)
     train_examples = sft_examples(train_pairs, args.target)
     test_examples = sft_examples(test_pairs, args.target)
+    if args.batch_size > len(train_examples):
+        raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_examples)} training examples")
 
     model = load_model(args.init, args.device, args.dropout, args.max_len, scratch_shape(args))
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.device)
-    start = resume(args.out_dir, model, optimizer, compute.scaler) if args.resume else 0
+    start = resume(out, model, optimizer, compute.scaler) if args.resume else 0
     if args.compile:
         model.compile()  # in place: state_dict keys stay the same
-    log = RunLog(args.out_dir, start)
+    log = RunLog(args.out_dir, start)  # the first write to OUT_DIR: everything above can still refuse
 
     first = train_examples[:1000]  # enough to estimate the mean
     mean_tokens = sum(label != IGNORE_INDEX for _, labels in first for label in labels) / len(first)
@@ -103,16 +107,20 @@ def train(args):
           f"~{mean_tokens * args.batch_size * args.grad_accum:.0f} response tokens")
 
     def save(step):
-        save_checkpoint(args.out_dir, model, optimizer, compute.scaler, step, args)
+        out.save(step, model, optimizer, compute.scaler)
 
     def log_eval(step):
+        """Evaluate, log, and stop (saving nothing) if the held-out loss says the model is broken."""
         loss = evaluate(model, test_examples, args, compute.autocast)
-        log({"iter": step, "split": "test", "loss": loss, "ppl": math.exp(loss)})
+        perplexity = math.exp(loss) if loss < 2 * UNIFORM_NLL else float("inf")  # no overflow on a broken model
+        log({"iter": step, "split": "test", "loss": loss, "ppl": perplexity})
+        out.check(step, loss, loss, "held-out")
 
-    with CtrlC() as ctrl_c:
+    with StopSignals() as stop:
         for step in range(start, args.max_iters):
-            # evaluate, then save, every eval_interval steps. A resumed run skips the eval at its first
-            # step (the run it continues logged it) and saves only after a step of its own.
+            # evaluate every eval_interval steps, then save, the model having passed that eval. A resumed
+            # run skips the eval at its first step (the run it continues logged it) and saves only after
+            # a step of its own.
             if args.eval_interval and step % args.eval_interval == 0 and not (start and step == start):
                 log_eval(step)
                 if step > start:
@@ -142,7 +150,7 @@ def train(args):
                 loss_sum += loss.detach()  # stays on the device: no CPU-GPU sync per micro-batch
                 n_seen += input_ids.numel()
             loss_value = float(loss_sum)  # the step's one device-to-host copy
-            stop_on_non_finite(loss_value, step, args)
+            out.check(step + 1, loss_value, loss_value, "training")  # as log.jsonl numbers this step
             compute.scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
             compute.scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
@@ -152,20 +160,21 @@ def train(args):
             dt = time.time() - t0
             log({"iter": step + 1, "split": "train", "loss": loss_value, "lr": lr,
                  "grad_norm": grad_norm.item(), "dt_ms": dt * 1000, "tokens_per_s": n_seen / dt})
-            if ctrl_c.pressed:
+            if stop.received:
                 save(step + 1)
-                print(f"saved {args.out_dir}/ckpt.pt at step {step + 1}; continue with --resume")
+                print(f"stopped by {stop.received}: saved {out.ckpt} at step {step + 1}; continue with --resume")
                 return
 
-    log_eval(args.max_iters)
-    save(args.max_iters)
-    print(f"saved {args.out_dir}/ckpt.pt")
+        # the final checkpoint first, so that a crash or Ctrl-C in the final eval loses nothing
+        save(args.max_iters)
+        print(f"saved {out.ckpt} at step {args.max_iters}")
+        log_eval(args.max_iters)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    with user_errors():
-        train(args)
+    with user_errors(), OutDir(args, "sft") as out:  # OutDir refuses before any data or model is loaded
+        train(args, out)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def test_bad_sampling_flags(flags, message, capsys):
 
 
 def test_a_prompt_longer_than_the_context_keeps_its_end(toy_models, tmp_path):
-    sample.main(["--model", toy_models["sft"], "--prompt", "word " * 500, "--prompt", "", "--max_new_tokens", "200",
+    sample.main(["--model", toy_models["sft"], "--prompt", "word " * 500, "--prompt", "", "--max_new_tokens", "20",
                  "--device", "cpu", "--results_dir", str(tmp_path), "--name", "long"])
     rows = json.loads((tmp_path / "long.json").read_text())["samples"]["sft"]
     assert len(rows) == 2 and all(r["tokens"] >= 1 for r in rows)

@@ -97,7 +97,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as exit_info:
         sft.main(["--demo", "--max_iters", "10", "--eval_interval", "2", "--eval_batches", "1",
                   "--batch_size", "4", "--out_dir", str(tmp_path)] + TINY)
-    assert "loss is nan at step 3" in str(exit_info.value.code)
+    assert "the training loss is nan at step 4" in str(exit_info.value.code)  # as log.jsonl numbers it
     assert load_checkpoint(tmp_path / "ckpt.pt")["iter"] == 2  # saved at the step-2 eval, untouched since
 
 
