@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from data import batch_indices, dpo_batch, load_preferences, packed_dpo_batch, tokenize_pairs
 from model import GPT2_SIZES, load_model
-from runs import (OutDir, RunLog, StopSignals, UserError, compute_init, load_checkpoint, make_optimizer,
-                  parse_training_arguments, resume, scratch_shape, training_arguments, user_errors)
+from runs import (OutDir, RunLog, StopSignals, UserError, compute_init, distributed, load_checkpoint,
+                  make_optimizer, parse_training_arguments, resume, scratch_shape, training_arguments, user_errors)
 
 # The paper's settings (sec. 6 and app. B): beta 0.1, batch 64, RMSprop at lr 1e-6 with 150 warmup steps;
 # one epoch of HH's 160k pairs is 2,500 steps of 64.
@@ -187,19 +187,27 @@ def reference_pair_logps(reference, batch, cached):
 
 
 @torch.no_grad()
-def precompute_reference(reference, pairs, args, ctx):
-    """(N, 2) reference log-probs of every pair (chosen, rejected), in micro-batches."""
-    out = []
-    for start in range(0, len(pairs), args.batch_size):
-        batch = make_batch(pairs, range(start, min(start + args.batch_size, len(pairs))), args)
-        with ctx:
-            out.append(torch.stack(pair_logps(reference, batch), dim=1).float().cpu())
-    return torch.cat(out)
+def precompute_reference(reference, pairs, args, compute):
+    """(N, 2) reference log-probs of every pair (chosen, rejected), in micro-batches. Under torchrun each
+    process fills every world_size-th micro-batch's rows and the processes add up their tables."""
+    logps = torch.zeros(len(pairs), 2, device=args.device)
+    starts = range(0, len(pairs), args.batch_size)
+    for start in starts[compute.rank::compute.world_size]:
+        end = min(start + args.batch_size, len(pairs))
+        batch = make_batch(pairs, range(start, end), args)
+        with compute.autocast:
+            logps[start:end] = torch.stack(pair_logps(reference, batch), dim=1).float()
+    return compute.sum(logps).cpu()
+
+
+# What dpo.py logs, under the names the authors' code uses (accuracy and margin singular here)
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+           "logps/rejected")
 
 
 def metric_sums(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected):
-    """This micro-batch's sums over pairs, under the names the authors' code logs (accuracy, margin
-    singular). They stay on the device: reading each with .item() would make the CPU wait for the GPU."""
+    """This micro-batch's sums over pairs, by name. They stay on the device: reading each with .item()
+    would make the CPU wait for the GPU."""
     return {"loss": losses.detach().sum(),
             "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),
@@ -213,21 +221,24 @@ def add_sums(total, sums):
     return sums if total is None else {name: total[name] + value for name, value in sums.items()}
 
 
-def means(total, n_pairs):
-    """The sums as means over n_pairs, with one device-to-host copy for all of them."""
-    values = torch.stack([value.float() for value in total.values()]).tolist()
-    return {name: value / n_pairs for name, value in zip(total, values)}
+def means(total, n_pairs, compute):
+    """The sums (added up over the processes under torchrun) as means over n_pairs, with one
+    device-to-host copy for all of them."""
+    values = compute.sum(torch.stack([total[name].float() for name in METRICS])).tolist()
+    return {name: value / n_pairs for name, value in zip(METRICS, values)}
 
 
 @torch.no_grad()
-def evaluate(policy, reference, pairs, ref_cache, args, ctx):
-    """DPO metrics on the first eval_batches micro-batches of the held-out split (true preferences)."""
+def evaluate(policy, reference, pairs, ref_cache, args, compute):
+    """DPO metrics on the first eval_batches micro-batches of the held-out split (true preferences).
+    Under torchrun each process takes every world_size-th micro-batch; the sums are added up."""
     policy.eval()
-    total, n = None, min(len(pairs), args.eval_batches * args.batch_size)
-    for start in range(0, n, args.batch_size):
+    n = min(len(pairs), args.eval_batches * args.batch_size)
+    total = {name: torch.zeros((), device=args.device) for name in METRICS}  # a process may get no batch
+    for start in range(0, n, args.batch_size)[compute.rank::compute.world_size]:
         indices = list(range(start, min(start + args.batch_size, n)))
         batch = make_batch(pairs, indices, args)
-        with ctx:
+        with compute.autocast:
             policy_chosen, policy_rejected = pair_logps(policy, batch)
             ref_chosen, ref_rejected = reference_pair_logps(
                 reference, batch, None if ref_cache is None else ref_cache[indices])
@@ -235,7 +246,7 @@ def evaluate(policy, reference, pairs, ref_cache, args, ctx):
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing)
         total = add_sums(total, metric_sums(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected))
     policy.train()
-    return means(total, n)
+    return means(total, n, compute)
 
 
 # The divergence watchdog: a warning when the policy gives the held-out chosen responses this many nats
@@ -245,9 +256,8 @@ def evaluate(policy, reference, pairs, ref_cache, args, ctx):
 WATCHDOG_NATS = 5.0
 
 
-def train(args, out):
+def train(args, compute, out):
     torch.manual_seed(args.seed)
-    compute = compute_init(args)
 
     train_pairs = tokenize_pairs(load_preferences(args.data, "train", split_name=args.train_split), args.max_len,
                                  args.max_prompt_len)
@@ -263,8 +273,8 @@ def train(args, out):
     if args.precompute_ref:
         # one pass of the reference over the data now, then only the policy stays in memory
         t0 = time.time()
-        train_ref = precompute_reference(reference, train_pairs, args, compute.autocast)
-        test_ref = precompute_reference(reference, test_pairs, args, compute.autocast)
+        train_ref = precompute_reference(reference, train_pairs, args, compute)
+        test_ref = precompute_reference(reference, test_pairs, args, compute)
         reference = None
         print(f"reference log-probs of {len(train_pairs) + len(test_pairs)} pairs in {time.time() - t0:.1f}s")
 
@@ -274,10 +284,13 @@ def train(args, out):
         policy.compile()
         if reference is not None:
             reference.compile()
-    log = RunLog(args.out_dir, start)  # the first write to OUT_DIR: everything above can still refuse
+    train_policy = distributed(policy, compute)  # torchrun: DDP averages the processes' gradients in backward
+    log = RunLog(args.out_dir, start, write=compute.master)  # the first write: everything above can refuse
     pairs_per_step = args.batch_size * args.grad_accum
+    processes = f" over {compute.world_size} processes" if compute.world_size > 1 else ""
     print(f"{policy.num_params() / 1e6:.1f}M parameters, {args.device}, {args.dtype}; beta {args.beta}, "
-          f"{args.loss_type} loss; effective batch {args.batch_size} x {args.grad_accum} = {pairs_per_step} pairs")
+          f"{args.loss_type} loss; effective batch {args.batch_size} x {args.grad_accum} = {pairs_per_step} "
+          f"pairs{processes}")
 
     def save(step):
         out.save(step, policy, optimizer, compute.scaler)
@@ -289,7 +302,7 @@ def train(args, out):
     def log_eval(step):
         """Evaluate and log; stop (saving nothing) if the model is broken, warn if it runs away."""
         nonlocal warned
-        metrics = evaluate(policy, reference, test_pairs, test_ref, args, compute.autocast)
+        metrics = evaluate(policy, reference, test_pairs, test_ref, args, compute)
         log({"iter": step, "split": "test", **metrics})
         out.check(step, metrics["loss"], -metrics["logps/chosen"] / eval_chosen_tokens, "held-out chosen")
         drop = -metrics["rewards/chosen"] / args.beta  # log pi_ref(y_w|x) - log pi(y_w|x), mean over pairs
@@ -315,23 +328,29 @@ def train(args, out):
                 group["lr"] = lr
             t0 = time.time()
             total, n_tokens, chosen_tokens = None, 0, 0
-            for micro in range(args.grad_accum):
+            # under torchrun each process takes its own grad_accum / world_size of the step's micro-batches
+            per_process = args.grad_accum // compute.world_size
+            for i, micro in enumerate(range(compute.rank * per_process, (compute.rank + 1) * per_process)):
                 indices = batch_indices(len(train_pairs), args.batch_size, step * args.grad_accum + micro, args.seed)
                 batch = make_batch(train_pairs, indices, args)
+                if compute.world_size > 1:  # torchrun: average gradients across processes once, at the end
+                    train_policy.require_backward_grad_sync = i == per_process - 1
                 with compute.autocast:
-                    policy_chosen, policy_rejected = pair_logps(policy, batch)
+                    policy_chosen, policy_rejected = pair_logps(train_policy, batch)
                     ref_chosen, ref_rejected = reference_pair_logps(
                         reference, batch, None if train_ref is None else train_ref[indices])
                 losses, chosen_rewards, rejected_rewards = dpo_loss(
                     policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta, args.loss_type,
                     args.label_smoothing)
-                # the mean over the pairs of the effective batch: every micro-batch has batch_size pairs
-                compute.scaler.scale(losses.sum() / pairs_per_step).backward()
+                # the mean over the pairs of the effective batch: every micro-batch has batch_size pairs.
+                # DDP divides the processes' summed gradients by their number, so x world_size (1 without it)
+                compute.scaler.scale(losses.sum() / pairs_per_step * compute.world_size).backward()
                 total = add_sums(total, metric_sums(losses, chosen_rewards, rejected_rewards, policy_chosen,
                                                     policy_rejected))
                 n_tokens += batch[0].numel()
-                chosen_tokens += sum(len(train_pairs[i]["chosen"]) for i in indices)
-            metrics = means(total, pairs_per_step)  # the step's one device-to-host copy
+                chosen_tokens += sum(len(train_pairs[j]["chosen"]) for j in indices)
+            metrics = means(total, pairs_per_step, compute)  # the step's one device-to-host copy
+            n_tokens, chosen_tokens = compute.sum([n_tokens, chosen_tokens])
             out.check(step + 1, metrics["loss"], -metrics["logps/chosen"] * pairs_per_step / chosen_tokens,
                       "training chosen")  # step + 1: as log.jsonl numbers this step
             compute.scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
@@ -343,9 +362,10 @@ def train(args, out):
             dt = time.time() - t0
             log({"iter": step + 1, "split": "train", **metrics, "grad_norm": grad_norm.item(), "lr": lr,
                  "dt_ms": dt * 1000, "tokens_per_s": n_tokens / dt})
-            if stop.received:
+            if compute.any(stop.received):  # under torchrun, a signal to any process stops them all
                 save(step + 1)
-                print(f"stopped by {stop.received}: saved {out.ckpt} at step {step + 1}; continue with --resume")
+                print(f"stopped by {stop.received or 'a signal'}: saved {out.ckpt} at step {step + 1}; "
+                      "continue with --resume")
                 return
 
         # the final checkpoint first, so that a crash or Ctrl-C in the final eval loses nothing
@@ -356,8 +376,9 @@ def train(args, out):
 
 def main(argv=None):
     args = parse_args(argv)
-    with user_errors(), OutDir(args, "dpo") as out:  # OutDir refuses before any data or model is loaded
-        train(args, out)
+    # OutDir refuses before any data or model is loaded
+    with user_errors(), compute_init(args) as compute, OutDir(args, "dpo", compute) as out:
+        train(args, compute, out)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 class UserError(Exception):
@@ -23,12 +25,13 @@ class UserError(Exception):
 @contextlib.contextmanager
 def user_errors():
     """Turn a UserError into `error: ...` on stderr and exit status 1, instead of a traceback."""
+    speaks = os.environ.get("RANK", "0") == "0"  # under torchrun every process stops, process 0 says why
     try:
         yield
     except UserError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if speaks else 1)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (which handles its own): no traceback
-        sys.exit("interrupted; nothing was written")
+        sys.exit("interrupted; nothing was written" if speaks else 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,7 +74,8 @@ def training_arguments(description, defaults, demo, out_dir_default=None):
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), "
                    "float32, bfloat16, float16")
     p.add_argument("--batch_size", type=int, help="micro-batch, in examples (pairs for DPO)")
-    p.add_argument("--grad_accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--grad_accum", type=int, help="micro-batches per optimizer step, in all: under torchrun each "
+                   "of N processes does grad_accum / N, so the effective batch is batch_size x grad_accum for any N")
     p.add_argument("--max_len", type=int, help="tokens of prompt + response, at most")
     p.add_argument("--max_prompt_len", type=int, help="tokens a too-long prompt is cut to, its end kept "
                    "(default: max_len / 2)")
@@ -141,17 +145,64 @@ def scratch_shape(args):
 
 @dataclass
 class Compute:
-    """What a training step needs to know about the hardware."""
+    """What a training step needs to know about the hardware, and under torchrun (DDP) about the other
+    processes: `with compute_init(args) as compute:` leaves the process group at the end."""
     device: str                      # "cpu", "cuda", "cuda:1"
     dtype: str                       # "float32", "bfloat16" or "float16": the precision of the matmuls
     autocast: object                 # the context the forward passes run in
     scaler: torch.amp.GradScaler     # loss scaling, enabled for float16 only
+    rank: int = 0                    # this process's number under torchrun; 0 without it
+    world_size: int = 1              # processes training together; 1 without torchrun
+
+    @property
+    def master(self):
+        """The one process that writes the log and the checkpoints (and prints)."""
+        return self.rank == 0
+
+    def sum(self, value):
+        """value summed over the processes: a number, a list of numbers (as floats), or a tensor (in
+        place, on this device). Without torchrun, value itself."""
+        if self.world_size == 1:
+            return value
+        if isinstance(value, torch.Tensor):
+            dist.all_reduce(value)
+            return value
+        tensor = torch.tensor(value, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()  # a number for a number, a list for a list
+
+    def any(self, flag):
+        """True on every process if flag is true on any: one process stopping stops them all."""
+        if self.world_size == 1:
+            return bool(flag)
+        tensor = torch.tensor(int(bool(flag)), device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.world_size > 1:
+            dist.destroy_process_group()
 
 
 def compute_init(args):
     """Device, precision, autocast and GradScaler for a run; args.device and args.dtype become the
-    resolved choices (so the checkpoint records what was used, not "auto")."""
+    resolved choices (so the checkpoint records what was used, not "auto"). Under torchrun, which sets
+    RANK and WORLD_SIZE, the process also joins the others: one GPU each (nccl), or gloo on CPUs."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     args.device = pick_device(args.device)
+    if world_size > 1:
+        if args.grad_accum % world_size:
+            raise UserError(f"--grad_accum {args.grad_accum} is the step's micro-batches in all, so it must be a "
+                            f"multiple of the {world_size} processes (each does grad_accum / {world_size})")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if rank != 0:
+            sys.stdout = open(os.devnull, "w")  # one process speaks for all; errors still reach stderr
     args.dtype = pick_dtype(args.dtype, args.device)
     device_type = args.device.split(":")[0]
     if device_type == "cuda":
@@ -164,7 +215,15 @@ def compute_init(args):
         autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, args.dtype))
     # fp16 overflows without loss scaling; bf16 has fp32's exponent range and needs none
     scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == "float16")
-    return Compute(args.device, args.dtype, autocast, scaler)
+    return Compute(args.device, args.dtype, autocast, scaler, rank, world_size)
+
+
+def distributed(model, compute):
+    """Under torchrun, the model wrapped in DistributedDataParallel, which averages the gradients of all
+    processes during backward; without torchrun, the model itself."""
+    if compute.world_size == 1:
+        return model
+    return DDP(model, device_ids=[compute.device] if compute.device.startswith("cuda") else None)
 
 
 def pick_device(device):
@@ -234,27 +293,33 @@ class OutDir:
     that a new run does not land on a saved one, and that --resume continues the same experiment. It
     keeps track of the last good checkpoint, so every stop can say where it is."""
 
-    def __init__(self, args, stage):
-        self.args, self.stage = args, stage
+    def __init__(self, args, stage, compute):
+        self.args, self.stage, self.compute = args, stage, compute
         self.path = args.out_dir
         self.ckpt = os.path.join(self.path, "ckpt.pt")
         self.lock = os.path.join(self.path, "run.lock")
+        self.locked = False
         self.checkpoint = None   # with --resume: the checkpoint to continue from
         self.saved_step = None   # the step of the last good checkpoint in OUT_DIR, if any
 
     def __enter__(self):
         self.created = not os.path.exists(self.path)
-        self._take_lock()
+        refusal = None
         try:
+            if self.compute.master:  # under torchrun, process 0 holds the lock for all
+                self._take_lock()
             self._check_checkpoint()
-        except BaseException:
+        except UserError as e:
+            refusal = e
+        if self.compute.any(refusal is not None):  # one process refusing stops them all
             self.__exit__()
-            raise
+            raise refusal or UserError("another process refused to start")
         return self
 
     def __exit__(self, *exc):
-        if os.path.exists(self.lock):
-            os.remove(self.lock)
+        if not self.locked:
+            return
+        os.remove(self.lock)
         if self.created and not os.listdir(self.path):
             os.rmdir(self.path)  # a run refused before it wrote anything leaves nothing behind
 
@@ -275,6 +340,7 @@ class OutDir:
                             "can write to") from None
         with os.fdopen(descriptor, "w") as f:
             f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        self.locked = True
 
     def _clear_stale_lock(self):
         try:
@@ -337,11 +403,16 @@ class OutDir:
         return f"the last good checkpoint, step {self.saved_step}, is kept in {self.ckpt}"
 
     def save(self, step, model, optimizer, scaler):
-        try:
-            save_checkpoint(self.path, model, optimizer, scaler, step, self.args, self.stage)
-        except OSError as e:  # a full disk, a quota: the old file is whole (atomic_write)
-            raise UserError(f"could not write the step-{step} checkpoint to {self.ckpt} ({e.strerror or e}); "
-                            f"{self.kept()}") from None
+        """Process 0 writes OUT_DIR/ckpt.pt; under torchrun the others wait until it has (or has failed)."""
+        failure = None
+        if self.compute.master:
+            try:
+                save_checkpoint(self.path, model, optimizer, scaler, step, self.args, self.stage)
+            except OSError as e:  # a full disk, a quota: the old file is whole (atomic_write)
+                failure = UserError(f"could not write the step-{step} checkpoint to {self.ckpt} "
+                                    f"({e.strerror or e}); {self.kept()}")
+        if self.compute.any(failure is not None):
+            raise failure or UserError("process 0 could not save the checkpoint")
         self.saved_step = step
 
     def check(self, step, loss, nll_per_token, what):
@@ -441,9 +512,11 @@ class RunLog:
     `start` keeps the records up to that step (in self.kept): those after it (logged before a crash,
     but not in the checkpoint) are about to be done again. A line cut off by a crash is dropped."""
 
-    def __init__(self, out_dir, start=0):
+    def __init__(self, out_dir, start=0, write=True):
         self.path = os.path.join(out_dir, "log.jsonl")
-        self.kept = []
+        self.kept, self.write = [], write  # write: False on all but process 0 under torchrun
+        if not write:
+            return
         if start and os.path.exists(self.path):
             with open(self.path) as f:
                 for number, line in enumerate(f, start=1):
@@ -458,6 +531,8 @@ class RunLog:
             f.writelines(json.dumps(record) + "\n" for record in self.kept)
 
     def __call__(self, record):
+        if not self.write:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         shown = " | ".join(f"{k} {_short(v)}" for k, v in record.items() if k not in ("iter", "split"))

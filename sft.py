@@ -17,7 +17,7 @@ import torch
 
 from data import batch_indices, collate, load_preferences, sft_examples, tokenize_pairs
 from model import IGNORE_INDEX, load_model
-from runs import (UNIFORM_NLL, OutDir, RunLog, StopSignals, UserError, compute_init, make_optimizer,
+from runs import (UNIFORM_NLL, OutDir, RunLog, StopSignals, UserError, compute_init, distributed, make_optimizer,
                   parse_training_arguments, resume, scratch_shape, training_arguments, user_errors)
 
 # Defaults for GPT-2 small on HH-RLHF on one GPU: 64 examples a step, about 0.6 epochs of HH's 160k
@@ -66,22 +66,24 @@ def sft_loss(model, input_ids, labels, n_tokens):
 
 
 @torch.no_grad()
-def evaluate(model, examples, args, ctx):
-    """Mean loss per response token on the first eval_batches micro-batches of the test split."""
+def evaluate(model, examples, args, compute):
+    """Mean loss per response token on the first eval_batches micro-batches of the test split (under
+    torchrun each process takes every world_size-th micro-batch; the sums are added up)."""
     model.eval()
     total_logp, total_tokens = 0.0, 0
-    for start in range(0, min(len(examples), args.eval_batches * args.batch_size), args.batch_size):
+    starts = range(0, min(len(examples), args.eval_batches * args.batch_size), args.batch_size)
+    for start in starts[compute.rank::compute.world_size]:
         input_ids, labels = (t.to(args.device) for t in collate(examples[start:start + args.batch_size]))
-        with ctx:
+        with compute.autocast:
             total_logp += model(input_ids, labels).sum().item()
         total_tokens += (labels != IGNORE_INDEX).sum().item()
+    total_logp, total_tokens = compute.sum([total_logp, total_tokens])
     model.train()
     return -total_logp / total_tokens
 
 
-def train(args, out):
+def train(args, compute, out):
     torch.manual_seed(args.seed)
-    compute = compute_init(args)
 
     # data: every (prompt, response) of the target as one example; labels only on the response
     train_pairs = tokenize_pairs(load_preferences(args.data, "train", split_name=args.train_split), args.max_len,
@@ -98,12 +100,14 @@ def train(args, out):
     start = resume(out, model, optimizer, compute.scaler) if args.resume else 0
     if args.compile:
         model.compile()  # in place: state_dict keys stay the same
-    log = RunLog(args.out_dir, start)  # the first write to OUT_DIR: everything above can still refuse
+    train_model = distributed(model, compute)  # torchrun: DDP averages the processes' gradients in backward
+    log = RunLog(args.out_dir, start, write=compute.master)  # the first write: everything above can refuse
 
     first = train_examples[:1000]  # enough to estimate the mean
     mean_tokens = sum(label != IGNORE_INDEX for _, labels in first for label in labels) / len(first)
+    processes = f" over {compute.world_size} processes" if compute.world_size > 1 else ""
     print(f"{model.num_params() / 1e6:.1f}M parameters, {args.device}, {args.dtype}; effective batch "
-          f"{args.batch_size} x {args.grad_accum} = {args.batch_size * args.grad_accum} examples, "
+          f"{args.batch_size} x {args.grad_accum} = {args.batch_size * args.grad_accum} examples{processes}, "
           f"~{mean_tokens * args.batch_size * args.grad_accum:.0f} response tokens")
 
     def save(step):
@@ -111,7 +115,7 @@ def train(args, out):
 
     def log_eval(step):
         """Evaluate, log, and stop (saving nothing) if the held-out loss says the model is broken."""
-        loss = evaluate(model, test_examples, args, compute.autocast)
+        loss = evaluate(model, test_examples, args, compute)
         perplexity = math.exp(loss) if loss < 2 * UNIFORM_NLL else float("inf")  # no overflow on a broken model
         log({"iter": step, "split": "test", "loss": loss, "ppl": perplexity})
         out.check(step, loss, loss, "held-out")
@@ -135,22 +139,29 @@ def train(args, out):
             # batch, so each micro-batch divides its summed log-likelihood by that batch-wide count:
             # k micro-batches then add up to exactly the gradient of one batch k times larger, however
             # the response lengths differ. (Averaging each micro-batch's own mean, then dividing by k,
-            # weighs a token of a short micro-batch more than one of a long micro-batch.)
+            # weighs a token of a short micro-batch more than one of a long micro-batch.) Under torchrun
+            # each process takes its own grad_accum / world_size of the step's micro-batches.
+            per_process = args.grad_accum // compute.world_size
             micro_batches = []
-            for micro in range(args.grad_accum):
+            for micro in range(compute.rank * per_process, (compute.rank + 1) * per_process):
                 indices = batch_indices(len(train_examples), args.batch_size, step * args.grad_accum + micro, args.seed)
                 micro_batches.append(collate([train_examples[i] for i in indices]))
             n_tokens = sum((labels != IGNORE_INDEX).sum().item() for _, labels in micro_batches)
+            n_tokens = int(compute.sum(n_tokens))  # the whole effective batch's, before any backward
             loss_sum, n_seen = 0.0, 0
-            for input_ids, labels in micro_batches:
+            for i, (input_ids, labels) in enumerate(micro_batches):
                 input_ids, labels = input_ids.to(args.device), labels.to(args.device)
+                if compute.world_size > 1:  # torchrun: average gradients across processes once, at the end
+                    train_model.require_backward_grad_sync = i == len(micro_batches) - 1
                 with compute.autocast:
-                    loss = sft_loss(model, input_ids, labels, n_tokens)
-                compute.scaler.scale(loss).backward()
+                    loss = sft_loss(train_model, input_ids, labels, n_tokens)
+                # DDP divides the processes' summed gradients by their number; each loss is already a
+                # share of the whole batch's, so it is scaled back up (x 1 without torchrun)
+                compute.scaler.scale(loss * compute.world_size).backward()
                 loss_sum += loss.detach()  # stays on the device: no CPU-GPU sync per micro-batch
                 n_seen += input_ids.numel()
-            loss_value = float(loss_sum)  # the step's one device-to-host copy
-            out.check(step + 1, loss_value, loss_value, "training")  # as log.jsonl numbers this step
+            loss_value, n_seen = compute.sum([float(loss_sum), n_seen])  # the step's one device-to-host copy
+            out.check(step + 1, loss_value, loss_value, "training")  # step + 1: as log.jsonl numbers this step
             compute.scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
             compute.scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
@@ -160,9 +171,10 @@ def train(args, out):
             dt = time.time() - t0
             log({"iter": step + 1, "split": "train", "loss": loss_value, "lr": lr,
                  "grad_norm": grad_norm.item(), "dt_ms": dt * 1000, "tokens_per_s": n_seen / dt})
-            if stop.received:
+            if compute.any(stop.received):  # under torchrun, a signal to any process stops them all
                 save(step + 1)
-                print(f"stopped by {stop.received}: saved {out.ckpt} at step {step + 1}; continue with --resume")
+                print(f"stopped by {stop.received or 'a signal'}: saved {out.ckpt} at step {step + 1}; "
+                      "continue with --resume")
                 return
 
         # the final checkpoint first, so that a crash or Ctrl-C in the final eval loses nothing
@@ -173,8 +185,9 @@ def train(args, out):
 
 def main(argv=None):
     args = parse_args(argv)
-    with user_errors(), OutDir(args, "sft") as out:  # OutDir refuses before any data or model is loaded
-        train(args, out)
+    # OutDir refuses before any data or model is loaded
+    with user_errors(), compute_init(args) as compute, OutDir(args, "sft", compute) as out:
+        train(args, compute, out)
 
 
 if __name__ == "__main__":

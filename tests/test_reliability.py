@@ -237,7 +237,7 @@ def test_dpo_watchdog_warns_once_when_the_chosen_log_probs_fall_far(sft_dir, pai
 def test_the_nan_message_suggests_bfloat16_only_for_float16(tmp_path):
     import argparse
     for dtype, tip in (("float32", False), ("bfloat16", False), ("float16", True)):
-        out = OutDir(argparse.Namespace(out_dir=str(tmp_path), dtype=dtype), "sft")
+        out = OutDir(argparse.Namespace(out_dir=str(tmp_path), dtype=dtype), "sft", runs.Compute("cpu", dtype, None, None))
         with pytest.raises(UserError) as error:
             out.check(7, float("nan"), float("nan"), "training")
         assert "at step 7" in str(error.value) and ("bfloat16" in str(error.value)) == tip
