@@ -551,6 +551,12 @@ def tokenize_pairs(pairs, max_len=512, max_prompt_len=256, tokenizer=None, verbo
     return out
 
 
+def tokenized_splits(source, max_len, max_prompt_len, train_split="train", test_split="test"):
+    """(train, test) pairs of a source as token ids: what sft.py and dpo.py train and evaluate on."""
+    return [tokenize_pairs(load_preferences(source, role, split_name=name), max_len, max_prompt_len)
+            for role, name in (("train", train_split), ("test", test_split))]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tokens -> batches
 

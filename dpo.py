@@ -24,10 +24,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from data import batch_indices, dpo_batch, load_preferences, packed_dpo_batch, tokenize_pairs
+from data import batch_indices, dpo_batch, packed_dpo_batch, tokenized_splits
 from model import GPT2_SIZES, load_model
-from runs import (OutDir, RunLog, StopSignals, UserError, compute_init, distributed, load_checkpoint,
-                  make_optimizer, parse_training_arguments, resume, scratch_shape, training_arguments, user_errors)
+from runs import (OutDir, RunLog, StopSignals, UserError, compute_init, distributed, eval_due, load_checkpoint,
+                  make_optimizer, optimizer_step, parse_training_arguments, resume, scratch_shape,
+                  training_arguments, user_errors)
 
 # The paper's settings (sec. 6 and app. B): beta 0.1, batch 64, RMSprop at lr 1e-6 with 150 warmup steps;
 # one epoch of HH's 160k pairs is 2,500 steps of 64.
@@ -259,10 +260,8 @@ WATCHDOG_NATS = 5.0
 def train(args, compute, out):
     torch.manual_seed(args.seed)
 
-    train_pairs = tokenize_pairs(load_preferences(args.data, "train", split_name=args.train_split), args.max_len,
-                                 args.max_prompt_len)
-    test_pairs = tokenize_pairs(load_preferences(args.data, "test", split_name=args.test_split), args.max_len,
-                                args.max_prompt_len)
+    train_pairs, test_pairs = tokenized_splits(args.data, args.max_len, args.max_prompt_len, args.train_split,
+                                               args.test_split)
     if args.swap:  # the "bad" model: learn to prefer what the annotators rejected
         train_pairs = [{"prompt": p["prompt"], "chosen": p["rejected"], "rejected": p["chosen"]} for p in train_pairs]
     if args.batch_size > len(train_pairs):
@@ -312,15 +311,11 @@ def train(args, compute, out):
                   "response and samples may degrade; try a lower --lr or a higher --beta", flush=True)
             warned = True
 
-    with StopSignals() as stop:
+    with StopSignals(compute) as stop:
         for step in range(start, args.max_iters):
-            # evaluate every eval_interval steps, then save, the model having passed that eval. A resumed
-            # run skips the eval at its first step (the run it continues logged it) and saves only after
-            # a step of its own.
-            if args.eval_interval and step % args.eval_interval == 0 and not (start and step == start):
-                log_eval(step)
-                if step > start:
-                    save(step)
+            if eval_due(step, start, args.eval_interval):  # every eval_interval steps
+                log_eval(step)  # stops the run, saving nothing, if the model is broken
+                save(step)
 
             # linear warmup, then constant: the paper's schedule
             lr = args.lr * (step + 1) / args.warmup if step < args.warmup else args.lr
@@ -353,25 +348,18 @@ def train(args, compute, out):
             n_tokens, chosen_tokens = compute.sum([n_tokens, chosen_tokens])
             out.check(step + 1, metrics["loss"], -metrics["logps/chosen"] * pairs_per_step / chosen_tokens,
                       "training chosen")  # step + 1: as log.jsonl numbers this step
-            compute.scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
-            compute.scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
-            compute.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(policy, optimizer, compute.scaler, args.grad_clip)  # unscale, clip, step
 
             dt = time.time() - t0
             log({"iter": step + 1, "split": "train", **metrics, "grad_norm": grad_norm.item(), "lr": lr,
                  "dt_ms": dt * 1000, "tokens_per_s": n_tokens / dt})
-            if compute.any(stop.received):  # under torchrun, a signal to any process stops them all
+            if stop.requested():  # Ctrl-C or SIGTERM: the step is done, save it and stop
                 save(step + 1)
-                print(f"stopped by {stop.received or 'a signal'}: saved {out.ckpt} at step {step + 1}; "
-                      "continue with --resume")
                 return
-
-        # the final checkpoint first, so that a crash or Ctrl-C in the final eval loses nothing
-        save(args.max_iters)
-        print(f"saved {out.ckpt} at step {args.max_iters}")
+        save(args.max_iters)  # the final checkpoint first, so that a crash or Ctrl-C in the final eval loses nothing
         log_eval(args.max_iters)
+    print(f"next, samples side by side: python sample.py --model reference={args.ref} --model "
+          f"dpo={args.out_dir} --data {args.data}")
 
 
 def main(argv=None):

@@ -128,10 +128,7 @@ def parse_training_arguments(parser, demo, argv=None):
     if args.compile and not torch.cuda.is_available() and not shutil.which(os.environ.get("CC", "cc")):
         parser.error("--compile on a CPU needs a C compiler (torch.compile writes C++ kernels): install gcc "
                      "or drop --compile")
-    try:
-        pick_device(args.device)
-    except UserError as e:
-        parser.error(str(e))
+    check_device(parser, args.device)
     return args
 
 
@@ -270,6 +267,32 @@ def make_optimizer(model, lr, weight_decay, device, kind="adamw", betas=(0.9, 0.
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Apply the accumulated gradients: unscale them (fp16's GradScaler multiplied the loss so that small
+    gradients would not underflow), clip their norm to grad_clip (0: no clipping), step, clear. Returns
+    the norm before clipping, for the log."""
+    scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def eval_due(step, start, eval_interval):
+    """Evaluate (then save) at every eval_interval-th step; 0 turns periodic evals off. A run resumed
+    at step `start` skips the eval there: the run it continues logged it before saving that checkpoint."""
+    return eval_interval > 0 and step % eval_interval == 0 and not (start and step == start)
+
+
+def check_device(parser, device):
+    """A --device this machine does not have is a usage error, found before anything is loaded."""
+    try:
+        pick_device(device)
+    except UserError as e:
+        parser.error(str(e))
+
+
 # ----------------------------------------------------------------------------------------------------
 # The run directory: one run an out_dir, never lost by accident, never saved broken
 
@@ -403,7 +426,10 @@ class OutDir:
         return f"the last good checkpoint, step {self.saved_step}, is kept in {self.ckpt}"
 
     def save(self, step, model, optimizer, scaler):
-        """Process 0 writes OUT_DIR/ckpt.pt; under torchrun the others wait until it has (or has failed)."""
+        """Process 0 writes OUT_DIR/ckpt.pt; under torchrun the others wait until it has (or has failed).
+        Step 0 (nothing trained yet) and the step already on disk are not written again."""
+        if step == 0 or step == self.saved_step:
+            return
         failure = None
         if self.compute.master:
             try:
@@ -414,6 +440,7 @@ class OutDir:
         if self.compute.any(failure is not None):
             raise failure or UserError("process 0 could not save the checkpoint")
         self.saved_step = step
+        print(f"saved {self.ckpt} at step {step}", flush=True)
 
     def check(self, step, loss, nll_per_token, what):
         """Stop the run before anything else is saved if the loss is not finite, or if the model gives
@@ -548,6 +575,9 @@ class StopSignals:
     of killing the run, so the loop can finish its step, save a checkpoint and stop. A second signal
     while stopping is only reported: it cannot interrupt the save."""
 
+    def __init__(self, compute):
+        self.compute = compute
+
     def __enter__(self):
         self.received = None
         self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -560,6 +590,13 @@ class StopSignals:
             return
         self.received = name
         print(f"\n{name}: finishing this step, saving a checkpoint, then stopping", flush=True)
+
+    def requested(self):
+        """Whether to stop after this step: under torchrun, a signal to any process stops them all."""
+        if not self.compute.any(self.received):
+            return False
+        print("stopping early: this step is saved; continue with --resume", flush=True)
+        return True
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():

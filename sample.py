@@ -27,7 +27,7 @@ import torch
 from data import EOS, collate, dpo_batch, example, get_tokenizer, load_preferences, toy_reward, tokenize_pairs
 from dpo import pair_logps, reward_accuracy
 from model import GPT
-from runs import ArgumentParser, HelpFormatter, UserError, atomic_write, pick_device, user_errors
+from runs import ArgumentParser, HelpFormatter, UserError, atomic_write, check_device, pick_device, user_errors
 
 DEMO_MODELS = ["sft=out/demo/sft", "dpo=out/demo/dpo", "dpo-bad=out/demo/dpo-bad"]
 STOP_TEXT = "\n\nHuman:"  # the model starting the user's next turn: the reply is over
@@ -79,10 +79,7 @@ def parse_args(argv=None):
     if len(set(labels)) < len(labels):
         p.error(f"two models share a label ({', '.join(labels)}); name them as LABEL=MODEL")
     args.name = args.name or time.strftime("compare-%Y%m%d-%H%M%S")
-    try:
-        pick_device(args.device)
-    except UserError as e:
-        p.error(str(e))
+    check_device(p, args.device)
     return args
 
 

@@ -15,10 +15,11 @@ import time
 
 import torch
 
-from data import batch_indices, collate, load_preferences, sft_examples, tokenize_pairs
+from data import batch_indices, collate, sft_examples, tokenized_splits
 from model import IGNORE_INDEX, load_model
-from runs import (UNIFORM_NLL, OutDir, RunLog, StopSignals, UserError, compute_init, distributed, make_optimizer,
-                  parse_training_arguments, resume, scratch_shape, training_arguments, user_errors)
+from runs import (UNIFORM_NLL, OutDir, RunLog, StopSignals, UserError, compute_init, distributed, eval_due,
+                  make_optimizer, optimizer_step, parse_training_arguments, resume, scratch_shape,
+                  training_arguments, user_errors)
 
 # Defaults for GPT-2 small on HH-RLHF on one GPU: 64 examples a step, about 0.6 epochs of HH's 160k
 # pairs, so the reference stays short of convergence.
@@ -86,10 +87,8 @@ def train(args, compute, out):
     torch.manual_seed(args.seed)
 
     # data: every (prompt, response) of the target as one example; labels only on the response
-    train_pairs = tokenize_pairs(load_preferences(args.data, "train", split_name=args.train_split), args.max_len,
-                                 args.max_prompt_len)
-    test_pairs = tokenize_pairs(load_preferences(args.data, "test", split_name=args.test_split), args.max_len,
-                                args.max_prompt_len)
+    train_pairs, test_pairs = tokenized_splits(args.data, args.max_len, args.max_prompt_len, args.train_split,
+                                               args.test_split)
     train_examples = sft_examples(train_pairs, args.target)
     test_examples = sft_examples(test_pairs, args.target)
     if args.batch_size > len(train_examples):
@@ -120,15 +119,11 @@ def train(args, compute, out):
         log({"iter": step, "split": "test", "loss": loss, "ppl": perplexity})
         out.check(step, loss, loss, "held-out")
 
-    with StopSignals() as stop:
+    with StopSignals(compute) as stop:
         for step in range(start, args.max_iters):
-            # evaluate every eval_interval steps, then save, the model having passed that eval. A resumed
-            # run skips the eval at its first step (the run it continues logged it) and saves only after
-            # a step of its own.
-            if args.eval_interval and step % args.eval_interval == 0 and not (start and step == start):
-                log_eval(step)
-                if step > start:
-                    save(step)
+            if eval_due(step, start, args.eval_interval):  # every eval_interval steps
+                log_eval(step)  # stops the run, saving nothing, if the model is broken
+                save(step)
 
             lr = get_lr(step, args)
             for group in optimizer.param_groups:
@@ -162,25 +157,18 @@ def train(args, compute, out):
                 n_seen += input_ids.numel()
             loss_value, n_seen = compute.sum([float(loss_sum), n_seen])  # the step's one device-to-host copy
             out.check(step + 1, loss_value, loss_value, "training")  # step + 1: as log.jsonl numbers this step
-            compute.scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-            compute.scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
-            compute.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(model, optimizer, compute.scaler, args.grad_clip)  # unscale, clip, step
 
             dt = time.time() - t0
             log({"iter": step + 1, "split": "train", "loss": loss_value, "lr": lr,
                  "grad_norm": grad_norm.item(), "dt_ms": dt * 1000, "tokens_per_s": n_seen / dt})
-            if compute.any(stop.received):  # under torchrun, a signal to any process stops them all
+            if stop.requested():  # Ctrl-C or SIGTERM: the step is done, save it and stop
                 save(step + 1)
-                print(f"stopped by {stop.received or 'a signal'}: saved {out.ckpt} at step {step + 1}; "
-                      "continue with --resume")
                 return
-
-        # the final checkpoint first, so that a crash or Ctrl-C in the final eval loses nothing
-        save(args.max_iters)
-        print(f"saved {out.ckpt} at step {args.max_iters}")
+        save(args.max_iters)  # the final checkpoint first, so that a crash or Ctrl-C in the final eval loses nothing
         log_eval(args.max_iters)
+    flags = " --demo" if args.demo else f" --data {args.data}"
+    print(f"next, DPO from this model: python dpo.py{flags} --init {args.out_dir}")
 
 
 def main(argv=None):

@@ -321,35 +321,37 @@ def test_toy_pairs_and_oracle_reward():
 # ----------------------------------------------------------------------------------------------------
 # Errors: one line naming file, line and field, in-process and through the CLI
 
+def text_file(name, text, *expected):
+    """A bad-input case: a file `name` holding `text`, and the parts its one-line error must show."""
+    def case(tmp):
+        path = tmp / name
+        path.write_text(text)
+        return path, list(expected)
+    case.__name__ = "bad_" + name.replace(".", "_")
+    return case
+
+
+bad_empty_file = text_file("empty.jsonl", "\n  \n", "empty.jsonl is empty")
+bad_not_json = text_file("broken.jsonl", json.dumps(numbered_rows(1)[0]) + "\n\n{chosen: oops\n",
+                         "broken.jsonl:3: not valid JSON")  # blank lines still count
+bad_missing_field = text_file("fields.jsonl", '{"chosen": "a", "rejected": "b"}\n{"chosen": "a"}\n',
+                              "fields.jsonl:2: missing field 'rejected'")
+bad_non_string = text_file("types.jsonl", '{"prompt": "p", "chosen": ["a"], "rejected": "b"}\n',
+                           "types.jsonl:1: field 'chosen' is list and 'rejected' is str; both must be text, or both lists")
+bad_prompt_type = text_file("prompt.jsonl", '{"prompt": 3, "chosen": "a", "rejected": "b"}\n',
+                            "prompt.jsonl:1: field 'prompt' is int, expected text")
+bad_json_item = text_file("list.json", json.dumps([{"chosen": "a", "rejected": "b"}, {"rejected": "b"}], indent=2),
+                          "list.json: item 2: missing field 'chosen'")  # an item number, not a line
+bad_json_scalar = text_file("text.json", json.dumps("chosen and rejected"),
+                            "text.json:1: expected an object with chosen and rejected, found str")
+bad_line_not_object = text_file("array.jsonl", '["a", "b"]\n',
+                                "array.jsonl:1: expected an object with chosen and rejected, found list")
+bad_unknown_file_type = text_file("pairs.txt", json.dumps(numbered_rows(1)[0]) + "\n",
+                                  "pairs.txt: unknown file type; data files are .jsonl, .jsonl.gz, .json")
+
+
 def bad_missing_file(tmp):
     return tmp / "nowhere.jsonl", ["nowhere.jsonl does not exist"]
-
-
-def bad_empty_file(tmp):
-    path = tmp / "empty.jsonl"
-    path.write_text("\n  \n")
-    return path, ["empty.jsonl is empty"]
-
-
-def bad_not_json(tmp):
-    path = tmp / "broken.jsonl"
-    path.write_text(json.dumps(numbered_rows(1)[0]) + "\n\n{chosen: oops\n")  # blank lines still count
-    return path, ["broken.jsonl:3: not valid JSON"]
-
-
-def bad_missing_field(tmp):
-    path = write_jsonl(tmp / "fields.jsonl", [{"chosen": "a", "rejected": "b"}, {"chosen": "a"}])
-    return path, ["fields.jsonl:2: missing field 'rejected'"]
-
-
-def bad_non_string(tmp):
-    path = write_jsonl(tmp / "types.jsonl", [{"prompt": "p", "chosen": ["a"], "rejected": "b"}])
-    return path, ["types.jsonl:1: field 'chosen' is list and 'rejected' is str; both must be text, or both lists"]
-
-
-def bad_prompt_type(tmp):
-    path = write_jsonl(tmp / "prompt.jsonl", [{"prompt": 3, "chosen": "a", "rejected": "b"}])
-    return path, ["prompt.jsonl:1: field 'prompt' is int, expected text"]
 
 
 def bad_directory(tmp):
@@ -372,35 +374,13 @@ def bad_truncated_gzip(tmp):
     return path, ["cut.jsonl.gz ends before its gzip data does (truncated?)"]
 
 
-def bad_json_item(tmp):
-    path = tmp / "list.json"
-    path.write_text(json.dumps([{"chosen": "a", "rejected": "b"}, {"rejected": "b"}], indent=2))
-    return path, ["list.json: item 2: missing field 'chosen'"]  # an item number, not a line
+# the command line is checked on two cases (each starts a Python process); the rest in-process
+CLI_CASES = [bad_missing_file, bad_not_json]
 
 
-def bad_json_scalar(tmp):
-    path = tmp / "text.json"
-    path.write_text(json.dumps("chosen and rejected"))
-    return path, ["text.json:1: expected an object with chosen and rejected, found str"]
-
-
-def bad_line_not_object(tmp):
-    path = tmp / "array.jsonl"
-    path.write_text('["a", "b"]\n')
-    return path, ["array.jsonl:1: expected an object with chosen and rejected, found list"]
-
-
-def bad_unknown_file_type(tmp):
-    path = tmp / "pairs.txt"
-    path.write_text(json.dumps(numbered_rows(1)[0]) + "\n")
-    return path, ["pairs.txt: unknown file type; data files are .jsonl, .jsonl.gz, .json"]
-
-
-CLI_CASES = [bad_missing_file, bad_empty_file, bad_not_json, bad_missing_field, bad_non_string, bad_directory]
-
-
-IN_PROCESS_CASES = [bad_prompt_type, bad_ambiguous_directory, bad_truncated_gzip, bad_json_item, bad_json_scalar,
-                    bad_line_not_object, bad_unknown_file_type]
+IN_PROCESS_CASES = [bad_empty_file, bad_missing_field, bad_non_string, bad_directory, bad_prompt_type,
+                    bad_ambiguous_directory, bad_truncated_gzip, bad_json_item, bad_json_scalar, bad_line_not_object,
+                    bad_unknown_file_type]
 
 
 @pytest.mark.parametrize("case", CLI_CASES + IN_PROCESS_CASES,

@@ -256,7 +256,8 @@ def test_sigterm_and_a_second_ctrl_c_save_and_exit_cleanly(pairs_file, tmp_path,
         time.sleep(0.05)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0 and "Traceback" not in stderr, stderr
-    assert f"stopped by {signals[0]}" in stdout and "continue with --resume" in stdout
+    assert f"{signals[0]}: finishing this step, saving a checkpoint" in stdout
+    assert "stopping early: this step is saved; continue with --resume" in stdout
     assert load_checkpoint(tmp_path / "ckpt.pt")["iter"] == len(read_log(tmp_path, "train"))
     assert not (tmp_path / "run.lock").exists()
 
