@@ -7,6 +7,7 @@ import re
 import pytest
 
 import data
+import sources
 from conftest import HH_TEST
 from runs import UserError
 
@@ -240,13 +241,13 @@ def test_hub_splits_are_chosen_by_name_and_a_single_split_is_held_out(tmp_path):
     rows = numbered_rows(30)
     write_table(tmp_path / "data" / "train_prefs-00000-of-00001.parquet", rows[:20])
     write_table(tmp_path / "data" / "test_prefs-00000-of-00001.parquet", rows[20:])
-    records, held_out = data._load_hub(str(tmp_path), "test_prefs")
+    records, held_out = sources._load_hub(str(tmp_path), "test_prefs")
     assert [record for _, record in records] == rows[20:] and not held_out
     assert records[0][0] == f"{tmp_path} [test_prefs] row 1"
     with pytest.raises(UserError, match=r"has no split 'test'; its splits are "):
-        data._load_hub(str(tmp_path), "test")
+        sources._load_hub(str(tmp_path), "test")
     (tmp_path / "data" / "test_prefs-00000-of-00001.parquet").unlink()
-    records, held_out = data._load_hub(str(tmp_path), "test")  # train_prefs only: load_preferences holds out
+    records, held_out = sources._load_hub(str(tmp_path), "test")  # train_prefs only: load_preferences holds out
     assert [record for _, record in records] == rows[:20] and held_out
 
 
