@@ -85,16 +85,18 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     # h: how much more the policy prefers y_w over y_l than the reference does, in log space
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     if loss_type == "sigmoid":
-        # eq. 7. With label_smoothing eps > 0, conservative DPO (cDPO; Mitchell, 2023, "A note on DPO with
-        # noisy preferences"): each label is taken as flipped with probability eps. For noisy labels: the
-        # loss still grows linearly in |h|, but its minimum sits at a finite beta h = ln((1 - eps) / eps)
-        # instead of at h = infinity, so confident pairs stop pulling once they get there.
+        # eq. 7. With label_smoothing eps > 0 this is conservative DPO (cDPO; Mitchell, 2023, "A note on
+        # DPO with noisy preferences & relationship to IPO", eq. 3), for data where some labels are wrong:
+        # each label counts as flipped with probability eps. The loss is not bounded (it still grows
+        # linearly in |h|), but its minimum is at a finite beta h = ln((1 - eps) / eps) instead of at
+        # h = infinity, so a pair stops pulling once its margin gets there.
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
-        # IPO (Azar et al., 2023, arXiv:2310.12036, eq. 17 of v2): a squared loss with its minimum at
-        # h = 1 / (2 tau), tau = beta, so h is never pushed to infinity, even on preferences that are
-        # deterministic in the data. h uses summed log-probs here, as in the authors' DPO code; TRL
-        # averages them per token, so the same beta gives different numbers there.
+        # IPO (Azar et al., 2023, arXiv:2310.12036, eq. 17 of its v2): when a preference is deterministic
+        # in the data, DPO's optimum pushes h to infinity whatever beta, and the KL term stops holding
+        # the policy back (their sec. 4). IPO regresses h to 1 / (2 tau), tau = beta, instead. h uses
+        # summed log-probs here, as the DPO authors' code does; TRL averages them per token, so the same
+        # beta gives other numbers there.
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
@@ -114,9 +116,10 @@ def pair_logps(model, batch):
 
     The batch is dpo_batch's 2B rows (chosen rows first) or packed_dpo_batch's B rows (labels (2, B, W):
     chosen plane first). log pi(y|x) is the *sum* of the response tokens' log-probs, in fp32: the
-    paper's quantity. Averaging over tokens instead (as some libraries do) is a different objective:
-    each pair's margin h is divided by its response lengths, so a long response no longer moves the
-    loss more than a short one, and beta, which multiplies h, needs another scale.
+    paper's quantity. Averaging over tokens instead (as some libraries do) replaces each log pi(y|x) by
+    a per-token mean: h is then no longer a log-ratio of sequence probabilities, so the loss is no longer
+    eq. 7 of the KL-constrained problem, and as a mean is about |y| times smaller than a sum, a given
+    beta then acts like one about |y| times smaller.
     """
     logps = model(*batch).sum(dim=-1).view(2, -1)  # (2, B): the forward with labels gives log-probs
     return logps[0], logps[1]
