@@ -110,8 +110,9 @@ def frontier_points(paths):
 # ----------------------------------------------------------------------------------------------------
 # Figures
 
-def plot_curves(runs, out, title):
-    """runs: [(label, records)]. DPO logs get seven panels; SFT logs (no rewards) get the loss alone."""
+def plot_curves(runs, out, title, hlines=()):
+    """runs: [(label, records)]. DPO logs get seven panels; SFT logs (no rewards) get the loss alone.
+    hlines: [(y, label)], dashed reference lines on the loss panel (say, the loss's floor)."""
     is_dpo = ["rewards/margin" in r for _, records in runs for r in records[:3]]
     if any(is_dpo) and not all(is_dpo):
         raise PlotError("these logs mix SFT and DPO runs; their losses are different quantities, plot them apart")
@@ -124,6 +125,8 @@ def plot_curves(runs, out, title):
             ax.plot(steps, values, color=color, lw=0.8, alpha=0.5, label=f"{label} train")
             steps, values = series(records, "test", key)
             ax.plot(steps, values, "o-", color=color, lw=2, ms=4, label=f"{label} test")
+    for (y, label), style in zip(hlines, ["--", ":", "-."] * 10):
+        axes[0].axhline(y, color="gray", ls=style, lw=1.2, label=label)
     for ax, key in zip(axes, panels):
         ax.set_title(PANEL_TITLES[key] if len(panels) > 1 else "SFT loss per response token (nats)", fontsize=10)
         ax.set_xlabel("optimizer step")
@@ -223,6 +226,8 @@ def parse_args(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     curves = commands.add_parser("curves", help="training curves of one or more runs, overlaid")
     curves.add_argument("runs", nargs="+", metavar="LABEL=OUT_DIR")
+    curves.add_argument("--hline", action="append", default=[], metavar="Y[:LABEL]",
+                        help="a dashed horizontal line on the loss panel; repeat for more")
     frontier = commands.add_parser("frontier", help="oracle reward against KL from sample.py results")
     frontier.add_argument("results", nargs="+", metavar="RESULTS.json")
     length = commands.add_parser("sft-length", help="the SFT-length experiment's figure")
@@ -241,7 +246,14 @@ def main(argv=None):
             for spec in args.runs:
                 label, _, out_dir = spec.partition("=") if "=" in spec else ("", "", spec)
                 runs.append((label or out_dir.rstrip("/").split("/")[-1], read_log(out_dir)))
-            plot_curves(runs, args.out, args.title)
+            hlines = []
+            for spec in args.hline:
+                y, _, label = spec.partition(":")
+                try:
+                    hlines.append((float(y), label or None))
+                except ValueError:
+                    raise PlotError(f"--hline {spec!r}: give a number, optionally :LABEL, e.g. 0.155:floor") from None
+            plot_curves(runs, args.out, args.title, hlines)
         elif args.command == "frontier":
             plot_frontier(frontier_points(args.results), args.out, args.title)
         else:

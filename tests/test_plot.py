@@ -82,7 +82,7 @@ def test_sft_log_gets_the_loss_panel_only(tmp_path):
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "log.jsonl").write_text('{"iter": 0, "split": "test", "loss": 10.8, "ppl": 5e4}\n'
                                                 '{"iter": 1, "split": "train", "loss": 9.0, "lr": 0.001}\n')
-    plot.main(["curves", f"sft={tmp_path / 'sft'}", "--out", str(tmp_path / "sft.png")])
+    plot.main(["curves", f"sft={tmp_path / 'sft'}", "--hline", "0.155:floor", "--out", str(tmp_path / "sft.png")])
     assert (tmp_path / "sft.png").read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(SystemExit):  # an SFT and a DPO log on one axis would compare unlike losses
         plot.main(["curves", f"sft={tmp_path / 'sft'}", f"dpo={write_dpo_log(tmp_path / 'dpo')}",
@@ -106,3 +106,10 @@ def test_not_json_names_the_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot.main(["curves", str(tmp_path), "--out", str(tmp_path / "x.png")])
     assert "line 2: not JSON" in capsys.readouterr().err
+
+
+def test_hline_needs_a_number(tmp_path, capsys):
+    run = write_dpo_log(tmp_path / "run")
+    with pytest.raises(SystemExit):
+        plot.main(["curves", str(run), "--hline", "floor", "--out", str(tmp_path / "x.png")])
+    assert "--hline 'floor'" in capsys.readouterr().err
