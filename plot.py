@@ -21,12 +21,12 @@ import numpy as np  # noqa: E402
 
 DPO_PANELS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
               "logps/chosen", "logps/rejected")
-PANEL_TITLES = {"loss": "loss (eq. 7; ln 2 = 0.693 at step 0)",
-                "rewards/chosen": "rewards/chosen: beta log(pi/pi_ref) (nats)",
+PANEL_TITLES = {"loss": "loss (ln 2 = 0.693 at step 0)", "rewards/chosen": "rewards/chosen (nats)",
                 "rewards/rejected": "rewards/rejected (nats)", "rewards/margin": "rewards/margin (nats)",
-                "rewards/accuracy": "rewards/accuracy (share of pairs)",
-                "logps/chosen": "logps/chosen: log pi(y_w|x) (nats)",
-                "logps/rejected": "logps/rejected: log pi(y_l|x) (nats)"}
+                "rewards/accuracy": "rewards/accuracy", "logps/chosen": "logps/chosen (nats)",
+                "logps/rejected": "logps/rejected (nats)"}
+DPO_NOTE = ("rewards: beta log(pi/pi_ref), logps: log pi, both summed over response tokens; "
+            "thin lines: training batches, dots: held-out evaluations")
 FIGSIZE, DPI = (10, 6), 100  # 1000 x 600 pixels: readable at README width
 
 
@@ -137,7 +137,7 @@ def plot_curves(runs, out, title, hlines=()):
     else:
         axes[-1].axis("off")  # the eighth cell holds the legend
         axes[-1].legend(*axes[0].get_legend_handles_labels(), loc="center")
-    fig.suptitle(title)
+    fig.suptitle(f"{title}\n{DPO_NOTE}" if len(panels) > 1 else title, fontsize=10 if len(panels) > 1 else 12)
     save(fig, out)
 
 

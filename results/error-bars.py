@@ -1,4 +1,4 @@
-"""Error bars for the README's sample tables: mean +- standard error over samples, from sample.py's JSON.
+"""Error bars for sample tables: mean +- standard error over samples, from sample.py's JSON files.
 
     python results/error-bars.py results/demo.json results/beta-sweep.json results/beta-sweep-lr1e-4.json \
         > results/error-bars.md
@@ -28,7 +28,7 @@ def paired(rewards, baseline):
 
 
 def main(paths):
-    print("# Error bars for the sample tables\n")
+    print("# Oracle reward and KL: mean ± standard error over samples\n")
     print(f"`python results/error-bars.py {' '.join(paths)}`\n")
     print("Mean ± one standard error over the samples (one completion per held-out prompt). Paired")
     print("differences are computed per prompt (same prompt and sampling seed), against the first row")
