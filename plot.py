@@ -1,0 +1,267 @@
+"""Pictures of what the scripts wrote: training curves, the reward/KL frontier, and the SFT-length figure.
+
+    python plot.py curves dpo=out/demo/dpo --out results/dpo-curves.png        # one or more LABEL=OUT_DIR
+    python plot.py frontier results/beta-frontier.json --out results/beta-frontier.png
+    python plot.py sft-length results/sft-length.json --out results/sft-length.png
+
+`curves` reads OUT_DIR/log.jsonl (train records as thin lines, test evaluations as markers). `frontier`
+reads sample.py's JSON files: one point per model at (mean KL to the reference, mean oracle reward),
+with error bars of one standard error over the samples, the analogue of the DPO paper's Figure 2.
+Models labelled FAMILY@STEP (say beta0.1@40: beta 0.1 after 40 DPO steps) are joined in step order.
+"""
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+matplotlib.use("Agg")  # files only, no window: works on a server and in tests
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DPO_PANELS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
+              "logps/chosen", "logps/rejected")
+PANEL_TITLES = {"loss": "loss (ln 2 = 0.693 at step 0)", "rewards/chosen": "rewards/chosen (nats)",
+                "rewards/rejected": "rewards/rejected (nats)", "rewards/margin": "rewards/margin (nats)",
+                "rewards/accuracy": "rewards/accuracy", "logps/chosen": "logps/chosen (nats)",
+                "logps/rejected": "logps/rejected (nats)"}
+DPO_NOTE = ("rewards: beta log(pi/pi_ref), logps: log pi, both summed over response tokens; "
+            "thin lines: training batches, dots: held-out evaluations")
+FIGSIZE, DPI = (10, 6), 100  # 1000 x 600 pixels: readable at README width
+
+
+class PlotError(Exception):
+    """Bad input: main() prints it as one line and exits with status 1."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Numbers (kept apart from drawing so the tests can check them)
+
+def mean_and_sem(values):
+    """Mean and standard error of the mean (sample std with ddof=1, over sqrt(n)); the error is nan for n < 2."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        raise PlotError("no values to average")
+    sem = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(sem)
+
+
+def read_log(out_dir):
+    """The records of OUT_DIR/log.jsonl (or of a .jsonl path given directly)."""
+    path = out_dir if out_dir.endswith(".jsonl") else os.path.join(out_dir, "log.jsonl")
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise PlotError(f"cannot read {path}: {e.strerror}; give a run's out_dir (LABEL=OUT_DIR)") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise PlotError(f"{path}, line {number}: not JSON") from None
+    if not records:
+        raise PlotError(f"{path} has no records")
+    return records
+
+
+def series(records, split, key):
+    """(steps, values) of one metric, in step order, from the records of one split."""
+    points = sorted((r["iter"], r[key]) for r in records if r.get("split") == split and key in r)
+    steps = np.array([p[0] for p in points], dtype=float)
+    return steps, np.array([p[1] for p in points], dtype=float)
+
+
+def parse_label(label):
+    """'beta0.1@40' -> ('beta0.1', 40); a label without @STEP is a family of its own at step None."""
+    family, at, step = label.rpartition("@")
+    if not at:
+        return label, None
+    try:
+        return family, int(step)
+    except ValueError:
+        raise PlotError(f"label {label!r}: what follows @ must be a step number, e.g. beta0.1@40") from None
+
+
+def frontier_points(paths):
+    """{label: dict(kl, kl_sem, reward, reward_sem, n)} over the samples of sample.py JSON files."""
+    points = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                samples = json.load(f)["samples"]
+        except OSError as e:
+            raise PlotError(f"cannot read {path}: {e.strerror}") from None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise PlotError(f"{path} is not a sample.py results file (no 'samples')") from None
+        for label, rows in samples.items():
+            if label in points:
+                raise PlotError(f"model label {label!r} appears twice ({path}); labels must be unique")
+            if not rows or "reward" not in rows[0]:
+                raise PlotError(f"{path}: model {label!r} has no oracle rewards (sample.py --data toy writes them)")
+            kl, kl_sem = mean_and_sem([row["kl"] for row in rows])
+            reward, reward_sem = mean_and_sem([row["reward"] for row in rows])
+            points[label] = dict(kl=kl, kl_sem=kl_sem, reward=reward, reward_sem=reward_sem, n=len(rows))
+    return points
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures
+
+def plot_curves(runs, out, title, hlines=()):
+    """runs: [(label, records)]. DPO logs get seven panels; SFT logs (no rewards) get the loss alone.
+    hlines: [(y, label)], dashed reference lines on the loss panel (say, the loss's floor)."""
+    is_dpo = ["rewards/margin" in r for _, records in runs for r in records[:3]]
+    if any(is_dpo) and not all(is_dpo):
+        raise PlotError("these logs mix SFT and DPO runs; their losses are different quantities, plot them apart")
+    panels = DPO_PANELS if all(is_dpo) else ("loss",)
+    fig, axes = plt.subplots(2, 4, figsize=FIGSIZE) if len(panels) > 1 else plt.subplots(figsize=FIGSIZE)
+    axes = np.atleast_1d(axes).ravel()
+    for (label, records), color in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+        for ax, key in zip(axes, panels):
+            steps, values = series(records, "train", key)
+            ax.plot(steps, values, color=color, lw=0.8, alpha=0.5, label=f"{label} train")
+            steps, values = series(records, "test", key)
+            ax.plot(steps, values, "o-", color=color, lw=2, ms=4, label=f"{label} test")
+    for (y, label), style in zip(hlines, ["--", ":", "-."] * 10):
+        axes[0].axhline(y, color="gray", ls=style, lw=1.2, label=label)
+    for ax, key in zip(axes, panels):
+        ax.set_title(PANEL_TITLES[key] if len(panels) > 1 else "SFT loss per response token (nats)", fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    if len(panels) == 1:
+        axes[0].set_yscale("log")  # SFT loss falls from ~11 to ~0.2: a log axis shows the tail
+        axes[0].legend()
+    else:
+        axes[-1].axis("off")  # the eighth cell holds the legend
+        axes[-1].legend(*axes[0].get_legend_handles_labels(), loc="center")
+    fig.suptitle(f"{title}\n{DPO_NOTE}" if len(panels) > 1 else title, fontsize=10 if len(panels) > 1 else 12)
+    save(fig, out)
+
+
+def plot_frontier(points, out, title):
+    """Oracle reward against KL, one family per colour, joined in training order."""
+    families = {}
+    for label, point in points.items():
+        family, step = parse_label(label)
+        families.setdefault(family, []).append((step if step is not None else 0, label, point))
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for family, members in families.items():
+        members.sort(key=lambda m: m[0])
+        kl = [m[2]["kl"] for m in members]
+        reward = [m[2]["reward"] for m in members]
+        ax.errorbar(kl, reward, xerr=[m[2]["kl_sem"] for m in members],
+                    yerr=[m[2]["reward_sem"] for m in members], fmt="o-", capsize=3, label=family)
+        for step, label, point in members:
+            if "@" in label:
+                ax.annotate(str(step), (point["kl"], point["reward"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
+    n = sorted({p["n"] for p in points.values()})
+    ax.set_xlabel("KL(policy || reference) on the policy's own samples (nats, mean over samples)")
+    ax.set_ylabel("oracle reward (mean over samples)")
+    ax.set_title(f"{title}\nerror bars: one standard error over {'/'.join(map(str, n))} samples; "
+                 "numbers: DPO step", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, out)
+
+
+def plot_sft_length(path, out, title):
+    """Per SFT length, mean +- standard error across seeds: what SFT reached, what DPO gained and spent,
+    and the reference's held-out log-probs (what DPO's loss works on)."""
+    try:
+        with open(path) as f:
+            runs = json.load(f)["runs"]
+    except OSError as e:
+        raise PlotError(f"cannot read {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise PlotError(f"{path} is not an sft-length results file (no 'runs')") from None
+    # (title, [(key in the run records, line style)]): solid lines carry the legend
+    panels = [("SFT test loss (nats per token)", [("sft_test_loss", "o-")]),
+              ("oracle reward: SFT (dashed), after DPO (solid)", [("dpo_reward", "o-"), ("sft_reward", "s--")]),
+              ("gain: DPO minus SFT oracle reward", [("gain", "o-")]),
+              ("KL spent by DPO (nats)", [("kl", "o-")]),
+              ("reference log p, held out (nats):\nchosen (solid), rejected (dashed)",
+               [("ref_logps_chosen", "o-"), ("ref_logps_rejected", "s--")]),
+              ("DPO test loss after 80 steps", [("dpo_end_loss", "o-")])]
+    fig, axes = plt.subplots(2, 3, figsize=FIGSIZE)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for target, color in zip(sorted({r["target"] for r in runs}), colors):
+        mine = [r for r in runs if r["target"] == target]
+        lengths = sorted({r["sft_iters"] for r in mine})
+        for ax, (_, lines) in zip(axes.ravel(), panels):
+            for key, style in lines:
+                stats = [mean_and_sem([r[key] for r in mine if r["sft_iters"] == n]) for n in lengths]
+                ax.errorbar(lengths, [s[0] for s in stats], yerr=[s[1] for s in stats], fmt=style, color=color,
+                            capsize=3, label=f"SFT target {target}" if style == "o-" else None)
+    for ax, (name, _) in zip(axes.ravel(), panels):
+        ax.set_xscale("log")
+        ax.set_xlabel("SFT length (optimizer steps)")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_yscale("log")
+    axes[0, 2].axhline(0, color="black", lw=0.8)
+    axes[0, 0].legend(fontsize=8)
+    n_seeds = max(sum(1 for r in runs if (r["target"], r["sft_iters"]) == key)
+                  for key in {(r["target"], r["sft_iters"]) for r in runs})
+    fig.suptitle(f"{title}\nmean and one standard error across seeds (up to {n_seeds} per point)", fontsize=10)
+    save(fig, out)
+
+
+def save(fig, out):
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    curves = commands.add_parser("curves", help="training curves of one or more runs, overlaid")
+    curves.add_argument("runs", nargs="+", metavar="LABEL=OUT_DIR")
+    curves.add_argument("--hline", action="append", default=[], metavar="Y[:LABEL]",
+                        help="a dashed horizontal line on the loss panel; repeat for more")
+    frontier = commands.add_parser("frontier", help="oracle reward against KL from sample.py results")
+    frontier.add_argument("results", nargs="+", metavar="RESULTS.json")
+    length = commands.add_parser("sft-length", help="the SFT-length experiment's figure")
+    length.add_argument("results", metavar="SFT_LENGTH.json")
+    for sub in (curves, frontier, length):
+        sub.add_argument("--out", required=True, help="the PNG to write")
+        sub.add_argument("--title", default="", help="the figure's title: say what was run")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.command == "curves":
+            runs = []
+            for spec in args.runs:
+                label, _, out_dir = spec.partition("=") if "=" in spec else ("", "", spec)
+                runs.append((label or out_dir.rstrip("/").split("/")[-1], read_log(out_dir)))
+            hlines = []
+            for spec in args.hline:
+                y, _, label = spec.partition(":")
+                try:
+                    hlines.append((float(y), label or None))
+                except ValueError:
+                    raise PlotError(f"--hline {spec!r}: give a number, optionally :LABEL, e.g. 0.155:floor") from None
+            plot_curves(runs, args.out, args.title, hlines)
+        elif args.command == "frontier":
+            plot_frontier(frontier_points(args.results), args.out, args.title)
+        else:
+            plot_sft_length(args.results, args.out, args.title)
+    except PlotError as e:
+        print(f"plot.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""plot.py: the numbers it draws (series, means, standard errors), the PNGs it writes, and bad input."""
+import json
+import math
+
+import pytest
+
+import plot
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_dpo_log(directory):
+    """A tiny hand-written dpo.py log: evals at steps 0 and 2, train records at steps 1 and 2."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for step, split, loss, accuracy in [(0, "test", 0.693, 0.5), (1, "train", 0.69, 0.6),
+                                        (2, "train", 0.60, 0.9), (2, "test", 0.65, 0.8)]:
+        rows.append({"iter": step, "split": split, "loss": loss, "rewards/chosen": 0.1 * step,
+                     "rewards/rejected": -0.2 * step, "rewards/margin": 0.3 * step, "rewards/accuracy": accuracy,
+                     "logps/chosen": -5.0 + step, "logps/rejected": -5.0 - step})
+    (directory / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
+
+
+def write_samples(path, models):
+    """A sample.py-like results file: {label: [(reward, kl), ...]}."""
+    samples = {label: [{"prompt": "p", "completion": "c", "tokens": 3, "kl": kl, "reward": reward}
+                       for reward, kl in rows] for label, rows in models.items()}
+    path.write_text(json.dumps({"settings": {}, "reference": "sft", "summary": {}, "samples": samples}))
+    return path
+
+
+def test_mean_and_sem():
+    mean, sem = plot.mean_and_sem([1.0, 0.0, 1.0, 0.0])
+    assert mean == 0.5
+    assert sem == pytest.approx(math.sqrt(1 / 3) / 2)  # std (ddof 1) = sqrt(1/3), over sqrt(4)
+    assert math.isnan(plot.mean_and_sem([2.0])[1])  # one value: no error estimate, not a fake zero
+
+
+def test_series_sorted_by_step_and_split(tmp_path):
+    records = plot.read_log(str(write_dpo_log(tmp_path / "run")))
+    steps, values = plot.series(records, "test", "logps/rejected")
+    assert steps.tolist() == [0, 2] and values.tolist() == [-5.0, -7.0]
+    steps, values = plot.series(records, "train", "loss")
+    assert steps.tolist() == [1, 2] and values.tolist() == [0.69, 0.60]
+
+
+def test_parse_label():
+    assert plot.parse_label("beta0.1@40") == ("beta0.1", 40)
+    assert plot.parse_label("sft") == ("sft", None)
+    with pytest.raises(plot.PlotError):
+        plot.parse_label("beta0.1@late")
+
+
+def test_frontier_points(tmp_path):
+    path = write_samples(tmp_path / "r.json", {"sft": [(0.0, 0.0), (1.0, 0.0)],
+                                               "b@20": [(1.0, 1.0), (1.0, 3.0), (0.0, 2.0)]})
+    points = plot.frontier_points([str(path)])
+    assert points["sft"]["reward"] == 0.5 and points["sft"]["kl_sem"] == 0.0
+    assert points["b@20"]["kl"] == 2.0 and points["b@20"]["kl_sem"] == pytest.approx(1 / math.sqrt(3))
+    assert points["b@20"]["reward_sem"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+    assert points["b@20"]["n"] == 3
+
+
+def test_writes_pngs(tmp_path):
+    run = write_dpo_log(tmp_path / "run")
+    plot.main(["curves", f"a={run}", f"b={run}", "--out", str(tmp_path / "curves.png")])
+    path = write_samples(tmp_path / "r.json", {"sft": [(0.0, 0.0), (1.0, 0.0)],
+                                               "b@20": [(1.0, 1.0), (0.0, 3.0)], "b@40": [(1.0, 2.0), (1.0, 4.0)]})
+    plot.main(["frontier", str(path), "--out", str(tmp_path / "frontier.png")])
+    runs = [{"target": "chosen", "sft_iters": n, "seed": s, "sft_test_loss": 1.0 / n, "sft_reward": 0.5,
+             "dpo_reward": 0.6 + s / 10, "gain": 0.1 + s / 10, "kl": 1.0, "ref_logps_chosen": -5.0,
+             "ref_logps_rejected": -n, "dpo_end_loss": 0.5}
+            for n in (10, 100) for s in (1, 2)]
+    (tmp_path / "len.json").write_text(json.dumps({"runs": runs}))
+    plot.main(["sft-length", str(tmp_path / "len.json"), "--out", str(tmp_path / "len.png")])
+    for name in ("curves.png", "frontier.png", "len.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sft_log_gets_the_loss_panel_only(tmp_path):
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "log.jsonl").write_text('{"iter": 0, "split": "test", "loss": 10.8, "ppl": 5e4}\n'
+                                                '{"iter": 1, "split": "train", "loss": 9.0, "lr": 0.001}\n')
+    plot.main(["curves", f"sft={tmp_path / 'sft'}", "--hline", "0.155:floor", "--out", str(tmp_path / "sft.png")])
+    assert (tmp_path / "sft.png").read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(SystemExit):  # an SFT and a DPO log on one axis would compare unlike losses
+        plot.main(["curves", f"sft={tmp_path / 'sft'}", f"dpo={write_dpo_log(tmp_path / 'dpo')}",
+                   "--out", str(tmp_path / "mixed.png")])
+
+
+@pytest.mark.parametrize("argv", [["curves", "x=MISSING_DIR"], ["frontier", "MISSING.json"],
+                                  ["sft-length", "MISSING.json"]])
+def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main([a.replace("MISSING", str(tmp_path / "missing")) for a in argv]
+                  + ["--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("plot.py: error: ") and "missing" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_not_json_names_the_line(tmp_path, capsys):
+    (tmp_path / "log.jsonl").write_text('{"iter": 0, "split": "test", "loss": 1}\nnot json\n')
+    with pytest.raises(SystemExit):
+        plot.main(["curves", str(tmp_path), "--out", str(tmp_path / "x.png")])
+    assert "line 2: not JSON" in capsys.readouterr().err
+
+
+def test_hline_needs_a_number(tmp_path, capsys):
+    run = write_dpo_log(tmp_path / "run")
+    with pytest.raises(SystemExit):
+        plot.main(["curves", str(run), "--hline", "floor", "--out", str(tmp_path / "x.png")])
+    assert "--hline 'floor'" in capsys.readouterr().err
