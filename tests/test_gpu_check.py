@@ -39,7 +39,8 @@ def test_tiny_run_writes_a_sane_summary(tmp_path):
     live = jobs["memory", "gpt2 reference live"]["result"]
     assert live["measured_bytes"] is None and live["computed_bytes"] > jobs["memory", "gpt2 --precompute_ref"]["result"]["computed_bytes"]
     assert "| gpt2 | no | packed | dpo |" in markdown and "## Memory: measured against computed" in markdown
-    assert os.path.isfile(tmp_path / "logs" / "eager-gpt2_packed.txt")
+    assert sorted(os.listdir(tmp_path)) == ["gpu_check.log", "summary.json", "summary.md"]  # all a device returns
+    assert "===== eager: gpt2 packed" in (tmp_path / "gpu_check.log").read_text()
 
 
 def test_a_job_over_the_budget_is_skipped_not_run(tmp_path):
