@@ -304,32 +304,60 @@ def saved_activation_bytes(model, batch, autocast):
     return sum(size for pointer, size in storages.items() if pointer not in weights)
 
 
+def head_scratch_bytes(config, chunk_rows, matmul_bytes=2):
+    """(forward, backward): the most model.LabelLogProbs holds at once beyond its saved tensors, for chunks
+    of chunk_rows rows. Forward: the fp32 logits and logsumexp's exp(logits - max), both (rows, V).
+    Backward: the head's fp32 gradient accumulator (V, C), then either the fp32 chunk gradient and its
+    matmul-precision copy, or that copy with the (V, C) weight-gradient product and its fp32 copy. Under
+    bf16 the head's weights are cast once more (w); in fp32 none of the copies exist."""
+    V, C = config.vocab_size, config.n_embd
+    cast = matmul_bytes < 4
+    w = matmul_bytes * V * C if cast else 0
+    forward = w + 8 * chunk_rows * V
+    backward = w + 4 * V * C + max(4 * chunk_rows * V + cast * matmul_bytes * chunk_rows * V,
+                                   matmul_bytes * chunk_rows * V + matmul_bytes * V * C + cast * 4 * V * C)
+    return forward, backward
+
+
 def memory_terms(config, batch_pairs, seq_len, response_frac, reference=True, grad_checkpoint=False,
-                 chunk_budget=LabelLogProbs.BUDGET["cuda"]):
-    """The terms of a stacked DPO step's peak memory in bf16 (bytes), and the peak: the larger of what
-    lives at the end of the forward pass and at the end of the backward pass."""
+                 matmul_bytes=2, fused_optimizer=True, chunk_budget=LabelLogProbs.BUDGET["cuda"]):
+    """The terms of a stacked DPO step's memory (bytes) and its peak, the largest of four moments: the
+    end of the forward passes (the reference's head last), the start of backward (the policy's head
+    first), the end of backward, and the optimizer step. matmul_bytes 2: bf16 autocast, the reference
+    cast to bf16 (dpo.freeze on a GPU); 4: fp32 throughout. fused_optimizer: AdamW(fused=True), as
+    runs.make_optimizer on a GPU; without it torch's AdamW makes temporaries the size of a weight."""
     P = parameter_count(config)
     C, V = config.n_embd, config.vocab_size
-    rows = 2 * batch_pairs
+    rows, tokens = 2 * batch_pairs, 2 * batch_pairs * seq_len
     labelled = rows * round(seq_len * response_frac)
     chunk_rows = min(labelled, max(1, chunk_budget // (4 * V)))
+    one_block = block_bytes_per_token(config, matmul_bytes) * tokens
+    head_forward, head_backward = head_scratch_bytes(config, chunk_rows, matmul_bytes)
     terms = {
         "weights and AdamW moments": 4 * P + 8 * P,  # fp32 master weights, exp_avg, exp_avg_sq
-        "gradients": 4 * P,                           # fp32, all present only at the end of backward
-        "reference (bf16)": 2 * P if reference else 0,
-        "bf16 weight copies": 2 * 12 * config.n_layer * C * C,  # autocast's casts of the blocks' matmul weights
-        "activations": activation_bytes(config, rows, seq_len, labelled, 2, grad_checkpoint),
-        # one chunk of (rows, V) logits: forward fp32 logits + logsumexp's exp; backward fp32 + bf16 gradient,
-        # with the head's bf16 copy, the bf16 and fp32 weight-gradient products and its fp32 accumulator
-        "head scratch": max(8 * chunk_rows * V + 2 * V * C, 6 * chunk_rows * V + 12 * V * C),
-        # the block whose backward runs last: recomputed (--grad_checkpoint) or kept, and its bf16 weights
-        "one block in backward": block_bytes_per_token(config) * rows * seq_len + 2 * 12 * C * C,
+        "reference": matmul_bytes * P if reference else 0,
+        # autocast's bf16 casts of the blocks' matmul weights: cached until the forward passes end, and kept
+        # for backward by the matmuls, unless --grad_checkpoint recomputes (and recasts) them there
+        "bf16 weight copies": 2 * 12 * config.n_layer * C * C if matmul_bytes < 4 else 0,
+        "activations": activation_bytes(config, rows, seq_len, labelled, matmul_bytes, grad_checkpoint),
+        "head scratch, forward": head_forward,
+        "head scratch, backward": head_backward,
+        "gradients": 4 * P,  # fp32; all of them exist only at the end of backward
+        # the larger of: the token embedding's gradient from the lookup (V, C), beside the head's until the
+        # two are summed; the first block's activations (kept or recomputed) and the MLP's two (tokens, 4C)
+        # gradients
+        "end of backward": max(4 * V * C + 4 * C * tokens, one_block + 2 * 4 * C * matmul_bytes * tokens),
+        "optimizer scratch": 0 if fused_optimizer else 2 * 4 * V * C,  # sqrt and division of the largest weight
     }
-    end_of_forward = (terms["weights and AdamW moments"] + terms["reference (bf16)"] + terms["bf16 weight copies"]
-                      + terms["activations"] + terms["head scratch"])
-    end_of_backward = (terms["weights and AdamW moments"] + terms["gradients"] + terms["reference (bf16)"]
-                       + terms["one block in backward"])
-    return terms, max(end_of_forward, end_of_backward)
+    resting = terms["weights and AdamW moments"] + terms["reference"]
+    kept = terms["activations"] + (0 if grad_checkpoint else terms["bf16 weight copies"])
+    moments = {
+        "end of forward": resting + terms["bf16 weight copies"] + terms["activations"] + head_forward,
+        "start of backward": resting + kept + head_backward,
+        "end of backward": resting + terms["gradients"] + terms["end of backward"],
+        "optimizer step": resting + terms["gradients"] + terms["optimizer scratch"],
+    }
+    return terms, max(moments.values())
 
 
 MEMORY_MODES = (("reference live", True, False), ("--precompute_ref", False, False),

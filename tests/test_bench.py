@@ -71,21 +71,24 @@ def test_activation_bytes_equal_what_autograd_keeps(precision, grad_checkpoint):
 
 
 def test_memory_terms_of_gpt2_by_hand():
-    """DPO, 8 pairs x 512 tokens, half of them response, reference live, bf16."""
-    P = 124_439_808
+    """DPO, 8 pairs x 512 tokens, half of them response, reference live, bf16, fused AdamW."""
+    P, V, C = 124_439_808, 50257, 768
+    tokens, labelled = 16 * 512, 16 * 256
     terms, peak = bench.memory_terms(GPTConfig(**GPT2_SIZES["gpt2"]), 8, 512, 0.5)
     assert terms["weights and AdamW moments"] == 16 * P - 4 * P
-    assert terms["reference (bf16)"] == 2 * P
-    assert terms["bf16 weight copies"] == 2 * 12 * 12 * 768 * 768  # 169,869,312
-    per_token_per_block = 2 * 4 * 768 + 14 * 2 * 768 + 16 + 12 * 4  # 27,712
-    tokens, labelled = 16 * 512, 16 * 256
-    activations = (12 * per_token_per_block * tokens + (8 + 4 * 768 + 8 + 1) * tokens + 8 * 512
-                   + (4 * 768 + 8 + 4) * labelled)
+    assert terms["reference"] == 2 * P
+    assert terms["bf16 weight copies"] == 2 * 12 * 12 * C * C  # 169,869,312
+    per_token_per_block = 2 * 4 * C + 14 * 2 * C + 16 + 12 * 4  # 27,712
+    activations = (12 * per_token_per_block * tokens + (8 + 4 * C + 8 + 1) * tokens + 8 * 512
+                   + (4 * C + 8 + 4) * labelled)
     assert terms["activations"] == activations == 2_762_141_696
-    rows = 2**30 // (4 * 50257)  # 5,341 rows of logits per chunk: all 4,096 labelled rows in one
-    assert terms["head scratch"] == max(8 * 4096 * 50257 + 2 * 50257 * 768, 6 * 4096 * 50257 + 12 * 50257 * 768)
-    assert rows > labelled
-    end_of_forward = 12 * P + 2 * P + 169_869_312 + activations + terms["head scratch"]
+    assert 2**30 // (4 * V) > labelled  # 5,341 rows of logits per chunk: all 4,096 labelled rows in one
+    forward = 2 * V * C + 8 * labelled * V  # bf16 head, fp32 logits and exp(logits - max)
+    backward = 2 * V * C + 4 * V * C + max(6 * labelled * V, 2 * labelled * V + 2 * V * C + 4 * V * C)
+    assert (terms["head scratch, forward"], terms["head scratch, backward"]) == (forward, backward)
+    assert forward > backward  # all 4,096 rows in one chunk: the fp32 logits and their exp dominate
+    assert terms["end of backward"] == max(4 * V * C + 4 * C * tokens, per_token_per_block * tokens + 16 * C * tokens)
+    end_of_forward = 12 * P + 2 * P + 169_869_312 + activations + forward
     assert peak == end_of_forward  # activations dominate: more than the gradients that replace them
     assert peak / 2**30 == pytest.approx(5.96, abs=0.01)
 
