@@ -165,13 +165,19 @@ def measure(step, args, device):
     return statistics.median(times), peak
 
 
+def model_config(args):
+    """The GPTConfig of --model with any --n_layer / --n_head / --n_embd override."""
+    shape = dict(GPT2_SIZES[args.model])
+    shape.update({k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)})
+    return GPTConfig(block_size=max(1024, args.seq_len), **shape)  # packed rows are longer, their positions not
+
+
 def run(args):
     """Measure, print the table, and return what was measured as a dict (written by --json)."""
     compute = compute_init(args)
     device, dtype = compute.device, compute.dtype
-    shape = dict(GPT2_SIZES[args.model])
-    shape.update({k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)})
-    config = GPTConfig(block_size=max(1024, args.seq_len), **shape)  # packed rows reuse positions
+    config = model_config(args)
+    shape = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
     ctx = compute.autocast
     peak = args.peak_tflops or peak_tflops(device, dtype)
     torch.manual_seed(0)

@@ -28,13 +28,13 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import workload  # noqa: E402
-from runs import UserError, user_errors  # noqa: E402
+from runs import HelpFormatter, UserError, user_errors  # noqa: E402
 
 BATCH_PAIRS = 4
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--workload", default=os.path.join(ROOT, "out", "trl-workload"),
                    help="where the workload is built and kept (default: out/trl-workload)")
     p.add_argument("--share_prompt", action="store_true", help="run our side with dpo.py --share_prompt")

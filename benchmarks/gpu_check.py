@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402  (after the path: bench and the lesson files live in the root)
 
 import bench  # noqa: E402
-from model import GPT2_SIZES, GPTConfig  # noqa: E402
+from model import GPT2_SIZES  # noqa: E402
 from runs import HelpFormatter  # noqa: E402
 
 STAGES = ("tests", "eager", "memory", "compile", "torchrun")
@@ -62,11 +62,11 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="toy shapes and one step each: tries every stage on a CPU "
                    "in seconds (what tests/test_gpu_check.py runs)")
     p.add_argument("--device", default="cuda", help="cuda, cuda:1, ...; cpu only with --tiny")
-    p.add_argument("--skip", default="", help=f"comma-separated stages to leave out, of {', '.join(STAGES)}")
+    p.add_argument("--skip", help=f"comma-separated stages to leave out, of {', '.join(STAGES)} (default: none)")
     p.add_argument("--models", default="gpt2,gpt2-medium", help="comma-separated shapes of the eager and compile "
                    "jobs, e.g. gpt2-medium to run only the compile jobs a first run had no time for")
     args = p.parse_args(argv)
-    args.skip = [stage for stage in args.skip.split(",") if stage]
+    args.skip = [stage for stage in (args.skip or "").split(",") if stage]
     unknown = [stage for stage in args.skip if stage not in STAGES]
     if unknown:
         p.error(f"--skip {','.join(unknown)}: the stages are {', '.join(STAGES)}")
@@ -106,7 +106,7 @@ def plan(args):
     for model in throughput_sizes:
         jobs += throughput_jobs(args, model, compiled=False)
     jobs += throughput_jobs(args, throughput_sizes[0], compiled=True)
-    jobs.append(("memory", "saved activations gpt2", 20, activation_job(args)))
+    jobs.append(("memory", "saved activations gpt2", 20, activation_job))
     for model in memory_sizes:
         for mode, extra in MEMORY_MODES.items():
             flags = bench_flags(args, model, extra=["--only", "dpo", "--response_frac", "0.5", *extra])
@@ -141,43 +141,33 @@ def memory_job(flags, model, mode):
     def run(args, log):
         parsed = bench.parse_args(flags)
         result = bench.run(parsed)
-        config = bench_config(parsed)
-        _, computed = bench.memory_terms(config, parsed.batch_size, parsed.seq_len, parsed.response_frac,
-                                         reference=not parsed.precompute_ref, grad_checkpoint=parsed.grad_checkpoint)
+        _, computed = bench.memory_terms(bench.model_config(parsed), parsed.batch_size, parsed.seq_len,
+                                         parsed.response_frac, reference=not parsed.precompute_ref,
+                                         grad_checkpoint=parsed.grad_checkpoint)
         measured = result["steps"][0]["peak_memory_mb"] * 2**20 if args.device.startswith("cuda") else None
         return {"model": model, "mode": mode, "measured_bytes": measured, "computed_bytes": computed,
                 "ratio": measured / computed if measured else None, "bench": result}
     return run
 
 
-def bench_config(parsed):
-    """The GPTConfig bench.run builds from its flags."""
-    shape = dict(GPT2_SIZES[parsed.model])
-    shape.update({k: getattr(parsed, k) for k in ("n_layer", "n_head", "n_embd") if getattr(parsed, k)})
-    return GPTConfig(block_size=max(1024, parsed.seq_len), **shape)
-
-
-def activation_job(args):
+def activation_job(args, log):
     """What autograd keeps in one bf16 forward of the policy on the GPU's own kernels (flash attention),
     against bench.activation_bytes + the bf16 weight copies: the activation term of the table, checked."""
-    def run(args, log):
-        from data import dpo_batch
-        from model import GPT
-        flags = bench_flags(args, "gpt2", extra=["--response_frac", "0.5"])
-        parsed = bench.parse_args(flags)
-        config = bench_config(parsed)
-        torch.manual_seed(0)
-        with torch.device(args.device):
-            model = GPT(config)
-        pairs = bench.synthetic_pairs(parsed.batch_size, parsed.seq_len, parsed.response_frac, config.vocab_size)
-        batch = [t.to(args.device) for t in dpo_batch(pairs)]
-        autocast = torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
-        measured = bench.saved_activation_bytes(model, batch, autocast)
-        labelled = bench.work(pairs, "stacked")[2]
-        computed = (bench.activation_bytes(config, 2 * parsed.batch_size, parsed.seq_len, labelled, 2)
-                    + 2 * 12 * config.n_layer * config.n_embd ** 2)
-        return {"measured_bytes": measured, "computed_bytes": computed, "ratio": measured / computed}
-    return run
+    from data import dpo_batch
+    from model import GPT
+    parsed = bench.parse_args(bench_flags(args, "gpt2", extra=["--response_frac", "0.5"]))
+    config = bench.model_config(parsed)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = GPT(config)
+    pairs = bench.synthetic_pairs(parsed.batch_size, parsed.seq_len, parsed.response_frac, config.vocab_size)
+    batch = [t.to(args.device) for t in dpo_batch(pairs)]
+    autocast = torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
+    measured = bench.saved_activation_bytes(model, batch, autocast)
+    labelled = bench.work(pairs, "stacked")[2]
+    computed = (bench.activation_bytes(config, 2 * parsed.batch_size, parsed.seq_len, labelled, 2)
+                + 2 * 12 * config.n_layer * config.n_embd ** 2)
+    return {"measured_bytes": measured, "computed_bytes": computed, "ratio": measured / computed}
 
 
 def run_cuda_tests(args, log):

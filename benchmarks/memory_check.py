@@ -8,7 +8,7 @@ That is compared with memory_terms' peak minus its resting part (weights, moment
 for the same shapes. glibc is told to map every allocation of 64 kB or more on its own
 (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident set at once instead of staying cached.
 
-    python benchmarks/memory_check.py                  # 6 configurations of a 6 x 384 model; ~5 min on 2 cores
+    python benchmarks/memory_check.py      # 6 configurations of a 6 x 384 model; ~15 min on 2 cores (bf16 is slow there)
 
 bf16 runs under CPU autocast, which casts as CUDA's does (matmul inputs bf16, LayerNorm fp32), with the
 reference cast to bf16 as dpo.freeze does on a GPU; LabelLogProbs works in the CPU's 32 MB chunks.

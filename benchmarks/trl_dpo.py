@@ -13,10 +13,11 @@ import tempfile
 import time
 
 import workload
+from runs import HelpFormatter
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--workload", required=True, help="the folder benchmarks/workload.py built")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps")
     p.add_argument("--batch_size", type=int, default=4, help="pairs per step")
