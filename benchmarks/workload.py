@@ -68,6 +68,8 @@ def write_checkpoint(directory):
     import torch
     from tiktoken.load import read_file_cached
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # one small file: no progress bar in the comparison's output
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **SHAPE)).save_pretrained(directory)
     for name, (url, sha256) in TOKENIZER_FILES.items():
