@@ -1,20 +1,30 @@
-"""Throughput of one SFT step and one DPO step: median time, tokens/s, MFU and peak memory.
+"""Throughput of one SFT step and one DPO step: median time, tokens/s, MFU and peak memory; and the
+computed memory of a DPO step for each GPT-2 size (--memory_table).
 
-Random weights of a GPT-2 shape and random tokens, so nothing is downloaded. Each sequence is
---seq_len tokens, the last --response_frac of them the response (the trained part); a DPO batch holds
---batch_size pairs, so 2 x batch_size sequences through the policy and the reference.
+Random weights of a GPT-2 shape and random tokens, so nothing is downloaded. Every synthetic pair has a
+prompt and two responses of --response_frac x --seq_len tokens each, so each of its two sequences (prompt +
+response, as dpo_batch stacks them) is --seq_len tokens. A DPO batch holds --batch_size pairs: 2 x
+batch_size stacked rows through the policy and the reference, or with --share_prompt batch_size packed
+rows (data.packed_dpo_batch: prompt, chosen, rejected; the prompt once). tokens/s counts the pairs'
+sequences as stacked, whichever the layout, so the two layouts compare directly.
 
 MFU is the model FLOPs a step needs over the time it took and the device's peak. We count what the
-maths requires, with the head only on response tokens (the saving is ours to claim in time, not in
-FLOPs): per sequence token 6 N (forward 2 N, backward 4 N, N the non-embedding weights) plus 6 L T C
-for causal attention (half of the full T x T product); per response token 6 C V for the head; the
-reference costs the forward third of that (2 N, 2 L T C, 2 C V). The recomputed head in backward
-(model.LabelLogProbs) is not counted: it is our overhead, not the model's.
+maths requires: per token through the blocks 6 N (forward 2 N, backward 4 N; N the blocks' weights,
+12 L C^2); per (query, key) pair that attention lets meet, 12 L C (forward: 2 C for q.k and 2 C for the
+weighted v, in each of L layers); per labelled token 6 C V for the head. A causal row of T tokens has
+T (T + 1) / 2 such pairs; a packed row has fewer tokens and fewer pairs (the prompt's queries are not
+repeated, and a response does not see the other one), so its MFU counts only that work. The reference
+costs the forward third (2 N, 4 L C, 2 C V). Not counted, because the model does not need them: the
+recomputed head in backward (model.LabelLogProbs), the recomputed blocks of --grad_checkpoint.
 
     python bench.py                                     # gpt2 shapes, default device and dtype
     python bench.py --model gpt2-medium --dtype bfloat16 --compile
+    python bench.py --share_prompt --only dpo           # the DPO step on packed rows
     python bench.py --n_layer 6 --n_head 6 --n_embd 384 --batch_size 4 --seq_len 256 --device cpu
+    python bench.py --memory_table                      # computed peak memory, gpt2 to gpt2-xl
 """
+import copy
+import json
 import resource
 import statistics
 import time
@@ -23,8 +33,9 @@ import torch
 
 import dpo
 import sft
-from model import GPT, GPT2_SIZES, IGNORE_INDEX, GPTConfig
-from runs import ArgumentParser, HelpFormatter, UserError, compute_init, make_optimizer, user_errors
+from data import collate, dpo_batch, example, packed_dpo_batch
+from model import GPT, GPT2_SIZES, IGNORE_INDEX, GPTConfig, LabelLogProbs
+from runs import ArgumentParser, HelpFormatter, UserError, compute_init, make_optimizer, optimizer_step, user_errors
 
 # dense peak TFLOP/s by GPU name and dtype (vendor datasheets; SXM parts); TF32 stands in for fp32
 PEAK_TFLOPS = {"H100": {"bfloat16": 989, "float16": 989, "float32": 494},
@@ -39,18 +50,30 @@ def parse_args(argv=None):
     p.add_argument("--n_head", type=int, help="override the shape's heads (default: --model's)")
     p.add_argument("--n_embd", type=int, help="override the shape's width (default: --model's)")
     p.add_argument("--batch_size", type=int, default=8, help="sequences for SFT, pairs for DPO")
-    p.add_argument("--seq_len", type=int, default=512, help="tokens in every sequence")
+    p.add_argument("--seq_len", type=int, default=512, help="tokens in every sequence (prompt + one response)")
     p.add_argument("--response_frac", type=float, default=0.5, help="the share of each sequence that is response")
     p.add_argument("--device", default="auto", help="auto (cuda if there is one, else cpu), cpu, cuda, ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), "
                    "float32, bfloat16, float16")
     p.add_argument("--compile", action="store_true", help="torch.compile the policy and the reference")
     p.add_argument("--precompute_ref", action="store_true", help="DPO without the reference in the step")
+    p.add_argument("--share_prompt", action="store_true", help="DPO on packed rows, each prompt once")
+    p.add_argument("--grad_checkpoint", action="store_true", help="recompute each block in backward")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     p.add_argument("--only", choices=["sft", "dpo"], help="measure one of the two (default: both)")
-    p.add_argument("--peak_tflops", type=float, help="the device's peak (default: a datasheet value for known GPUs, a measured matmul on a CPU)")
-    return p.parse_args(argv)
+    p.add_argument("--peak_tflops", type=float, help="the device's peak (default: a datasheet value for known "
+                   "GPUs, a measured matmul on a CPU)")
+    p.add_argument("--json", help="also write the results to this file (default: none)")
+    p.add_argument("--memory_table", action="store_true", help="print the computed peak memory of a DPO step "
+                   "(--batch_size pairs x --seq_len, bf16) for every GPT-2 size, then exit; measures nothing")
+    args = p.parse_args(argv)
+    if min(args.batch_size, args.seq_len, args.steps) < 1 or args.warmup < 0:
+        p.error("--batch_size, --seq_len and --steps must be at least 1, --warmup not negative")
+    if not 0 < args.response_frac < 1 or round(args.seq_len * args.response_frac) < 2:
+        p.error(f"--response_frac {args.response_frac} must leave at least 2 response and 1 prompt tokens "
+                f"of --seq_len {args.seq_len}")
+    return args
 
 
 def peak_tflops(device, dtype):
@@ -69,21 +92,59 @@ def peak_tflops(device, dtype):
     return 10 * 2 * 2048 ** 3 / (time.perf_counter() - t0) / 1e12
 
 
-def step_flops(config, sequences, seq_len, response_tokens, train=True):
-    """Model FLOPs of one pass over `sequences` rows (forward + backward if train, else forward)."""
-    n = config.n_layer * 12 * config.n_embd ** 2  # non-embedding weights: attention 4 C^2 + MLP 8 C^2
-    per_token = 2 * n + 2 * config.n_layer * seq_len * config.n_embd  # forward; attention causal half
-    head = 2 * config.n_embd * config.vocab_size
-    forward = sequences * seq_len * per_token + response_tokens * head
+# ----------------------------------------------------------------------------------------------------
+# FLOPs: what the model must compute
+
+def causal_pairs(queries, keys_before=0):
+    """(query, key) pairs attention computes when `queries` tokens follow `keys_before` visible tokens,
+    each new token seeing those and the new tokens up to itself."""
+    return queries * keys_before + queries * (queries + 1) // 2
+
+
+def work(pairs, layout):
+    """(tokens through the blocks, attended (query, key) pairs, labelled tokens through the head) of the
+    tokenized pairs in one of three layouts: "sft" (prompt + chosen), "stacked" (dpo_batch) or "packed"
+    (packed_dpo_batch). Padding is not counted: it is not work the model needs."""
+    tokens = attended = labelled = 0
+    for pair in pairs:
+        p, c, r = len(pair["prompt"]), len(pair["chosen"]), len(pair["rejected"])
+        if layout == "sft":  # example(): prompt + response without its last token
+            rows = [p + c - 1]
+            labelled += c
+        elif layout == "stacked":
+            rows = [p + c - 1, p + r - 1]
+            labelled += c + r
+        else:  # prompt once, then each response (without its last token) seeing the prompt and itself
+            tokens += p + c - 1 + r - 1
+            attended += causal_pairs(p) + causal_pairs(c - 1, p) + causal_pairs(r - 1, p)
+            labelled += c + r
+            continue
+        tokens += sum(rows)
+        attended += sum(causal_pairs(row) for row in rows)
+    return tokens, attended, labelled
+
+
+def pass_flops(config, tokens, attended, labelled, train=True):
+    """Model FLOPs of one pass (forward + backward if train, else forward)."""
+    blocks = config.n_layer * 12 * config.n_embd ** 2  # attention 4 C^2 + MLP 8 C^2 per layer
+    forward = (2 * blocks * tokens
+               + 4 * config.n_layer * config.n_embd * attended
+               + 2 * config.n_embd * config.vocab_size * labelled)
     return 3 * forward if train else forward
 
 
-def synthetic_batch(n_sequences, args, config, device):
-    torch.manual_seed(0)
-    input_ids = torch.randint(0, config.vocab_size, (n_sequences, args.seq_len), device=device)
-    labels = torch.randint(0, config.vocab_size, (n_sequences, args.seq_len), device=device)
-    labels[:, :int(args.seq_len * (1 - args.response_frac))] = IGNORE_INDEX  # the prompt part
-    return input_ids, labels
+# ----------------------------------------------------------------------------------------------------
+# The measured steps
+
+def synthetic_pairs(n_pairs, seq_len, response_frac, vocab_size, seed=0):
+    """Tokenized pairs of random ids, each sequence (prompt + response, less one: example()) seq_len long."""
+    generator = torch.Generator().manual_seed(seed)
+    response = round(seq_len * response_frac)
+    prompt = seq_len - response + 1
+
+    def ids(n):
+        return torch.randint(vocab_size, (n,), generator=generator).tolist()
+    return [{"prompt": ids(prompt), "chosen": ids(response), "rejected": ids(response)} for _ in range(n_pairs)]
 
 
 def measure(step, args, device):
@@ -104,17 +165,27 @@ def measure(step, args, device):
     return statistics.median(times), peak
 
 
-def run(args):
-    compute = compute_init(args)
-    device, dtype = compute.device, compute.dtype
+def model_config(args):
+    """The GPTConfig of --model with any --n_layer / --n_head / --n_embd override."""
     shape = dict(GPT2_SIZES[args.model])
     shape.update({k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)})
-    config = GPTConfig(block_size=max(1024, args.seq_len), **shape)
+    return GPTConfig(block_size=max(1024, args.seq_len), **shape)  # packed rows are longer, their positions not
+
+
+def run(args):
+    """Measure, print the table, and return what was measured as a dict (written by --json)."""
+    compute = compute_init(args)
+    device, dtype = compute.device, compute.dtype
+    config = model_config(args)
+    shape = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
     ctx = compute.autocast
     peak = args.peak_tflops or peak_tflops(device, dtype)
-    policy = GPT(config).to(device)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialized where it runs: a CPU init of gpt2-xl takes a while
+        policy = GPT(config)
+    policy.grad_checkpoint = args.grad_checkpoint
     optimizer = make_optimizer(policy, 1e-6, 0.0, device)
-    reference = None if args.precompute_ref else dpo.freeze(GPT(config).to(device), device, dtype)
+    reference = None if args.precompute_ref else dpo.freeze(copy.deepcopy(policy), device, dtype)
     if args.compile:
         policy.compile()
         if reference is not None:
@@ -123,14 +194,12 @@ def run(args):
 
     def update(loss):
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(policy, optimizer, scaler, grad_clip=1.0)
 
-    sft_ids, sft_labels = synthetic_batch(args.batch_size, args, config, device)
-    dpo_ids, dpo_labels = synthetic_batch(2 * args.batch_size, args, config, device)
+    pairs = synthetic_pairs(args.batch_size, args.seq_len, args.response_frac, config.vocab_size)
+    sft_ids, sft_labels = (t.to(device) for t in collate([example(p["prompt"], p["chosen"]) for p in pairs]))
+    layout = "packed" if args.share_prompt else "stacked"
+    dpo_rows = [t.to(device) for t in (packed_dpo_batch(pairs) if args.share_prompt else dpo_batch(pairs))]
     ref_logps = None if reference is not None else torch.zeros(args.batch_size, 2)  # (pairs, chosen/rejected)
 
     def sft_step():
@@ -140,37 +209,193 @@ def run(args):
 
     def dpo_step():
         with ctx:
-            chosen, rejected = dpo.pair_logps(policy, (dpo_ids, dpo_labels))
-            ref_chosen, ref_rejected = dpo.reference_pair_logps(reference, (dpo_ids, dpo_labels), ref_logps)
+            chosen, rejected = dpo.pair_logps(policy, dpo_rows)
+            ref_chosen, ref_rejected = dpo.reference_pair_logps(reference, dpo_rows, ref_logps)
         update(dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)[0].mean())
 
-    results = []
-    response = lambda labels: (labels != IGNORE_INDEX).sum().item()
+    steps = []
+    sequence_tokens = work(pairs, "stacked")[0]  # both sequences of every pair, as stacked
     if args.only != "dpo":
-        flops = step_flops(config, args.batch_size, args.seq_len, response(sft_labels))
-        results.append(("sft", sft_ids.numel(), flops, *measure(sft_step, args, device)))
+        counts = work(pairs, "sft")
+        steps.append(("sft", counts, pass_flops(config, *counts), *measure(sft_step, args, device)))
     if args.only != "sft":
-        flops = step_flops(config, 2 * args.batch_size, args.seq_len, response(dpo_labels))
+        counts = work(pairs, layout)
+        flops = pass_flops(config, *counts)
         if reference is not None:
-            flops += step_flops(config, 2 * args.batch_size, args.seq_len, response(dpo_labels), train=False)
-        results.append(("dpo", dpo_ids.numel(), flops, *measure(dpo_step, args, device)))
+            flops += pass_flops(config, *counts, train=False)
+        steps.append(("dpo", counts, flops, *measure(dpo_step, args, device)))
 
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
     label = args.model if shape == GPT2_SIZES[args.model] else "custom"
+    result = {"shape": label, **shape, "batch_size": args.batch_size, "seq_len": args.seq_len,
+              "response_frac": args.response_frac, "dtype": dtype, "compile": args.compile,
+              "precompute_ref": args.precompute_ref, "share_prompt": args.share_prompt,
+              "grad_checkpoint": args.grad_checkpoint, "device": name, "peak_tflops": peak, "steps": []}
+    for kind, (tokens, attended, labelled), flops, seconds, memory in steps:
+        pair_tokens = tokens if kind == "sft" else sequence_tokens
+        result["steps"].append({"step": kind, "ms": seconds * 1000, "tokens_per_s": pair_tokens / seconds,
+                                "model_tokens": tokens, "attended_pairs": attended, "labelled": labelled,
+                                "flops": flops, "tflops": flops / seconds / 1e12,
+                                "mfu": flops / seconds / 1e12 / peak, "peak_memory_mb": memory / 2**20})
     print(f"{label} shape ({config.n_layer} layers x {config.n_embd}), batch {args.batch_size}, seq_len "
           f"{args.seq_len}, response {args.response_frac:.0%}, {dtype}, compile {args.compile}, precompute_ref "
-          f"{args.precompute_ref}; {name}, peak {peak:.1f} TFLOP/s")
+          f"{args.precompute_ref}, share_prompt {args.share_prompt}, grad_checkpoint {args.grad_checkpoint}; "
+          f"{name}, peak {peak:.1f} TFLOP/s")
     print(f"{'step':5s} {'ms':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak mem':>9s}")
-    for kind, tokens, flops, seconds, memory in results:
-        print(f"{kind:5s} {seconds * 1000:9.1f} {tokens / seconds:10.0f} {flops / seconds / 1e12:8.2f} "
-              f"{flops / seconds / 1e12 / peak:6.1%} {memory / 2**20:7.0f}MB")
-    return results
+    for s in result["steps"]:
+        print(f"{s['step']:5s} {s['ms']:9.1f} {s['tokens_per_s']:10.0f} {s['tflops']:8.2f} "
+              f"{s['mfu']:6.1%} {s['peak_memory_mb']:7.0f}MB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory of a DPO step, computed: bf16 autocast on a GPU, every term counted from the shapes
+
+CARDS_GIB = (24, 40, 80)
+USABLE = 0.9  # of a card's memory: the CUDA context, cuBLAS workspaces and allocator fragmentation take the rest
+
+
+def parameter_count(config):
+    """All weights, the tied head counted once (124,439,808 for gpt2)."""
+    C = config.n_embd
+    per_block = 12 * C * C + 13 * C  # c_attn 3C^2 + 3C, c_proj C^2 + C, c_fc 4C^2 + 4C, c_proj 4C^2 + C, 2 LayerNorms 4C
+    return config.vocab_size * C + config.block_size * C + config.n_layer * per_block + 2 * C  # + ln_f
+
+
+def block_bytes_per_token(config, matmul_bytes=2, grad_checkpoint=False):
+    """Bytes one block keeps for backward per token. matmul_bytes: 2 under bf16/fp16 autocast (the
+    matmuls' inputs are kept in that precision), 4 in fp32; the residual stream and LayerNorms stay fp32."""
+    C, fp32 = config.n_embd, 4
+    if grad_checkpoint:
+        return fp32 * C  # the block's input: the rest is recomputed in backward
+    return (2 * fp32 * C             # ln_1 and ln_2 inputs (the residual stream)
+            + 14 * matmul_bytes * C  # c_attn input, q k v (3C), attention output = c_proj input (one tensor),
+                                     # c_fc input, GELU input (4C), MLP c_proj input (4C)
+            + 2 * 2 * fp32           # each LayerNorm's mean and 1/std
+            + config.n_head * fp32)  # attention's log-sum-exp, per head
+
+
+def activation_bytes(config, rows, seq_len, labelled, matmul_bytes=2, grad_checkpoint=False):
+    """Bytes the policy's forward keeps for backward on `rows` x `seq_len` tokens (stacked rows), of which
+    `labelled` go through the head. Autocast's bf16 copies of the weights are not in here (memory_terms
+    has them)."""
+    tokens, fp32, index = rows * seq_len, 4, 8
+    blocks = config.n_layer * block_bytes_per_token(config, matmul_bytes, grad_checkpoint) * tokens
+    outside = (index + fp32 * config.n_embd + 2 * fp32 + 1) * tokens  # token ids, ln_f input, mean, 1/std, label mask
+    positions = index * seq_len
+    head = (fp32 * config.n_embd + index + fp32) * labelled  # LabelLogProbs: hidden state, target, log-sum-exp
+    return blocks + outside + positions + head
+
+
+def saved_activation_bytes(model, batch, autocast):
+    """Measured: bytes of the distinct storages autograd keeps for backward in one forward pass with
+    labels, the weights themselves excluded (their autocast copies included). Checks activation_bytes."""
+    storages = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast:
+        model(*batch).sum()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(size for pointer, size in storages.items() if pointer not in weights)
+
+
+def head_scratch_bytes(config, chunk_rows, matmul_bytes=2):
+    """(forward, backward): the most model.LabelLogProbs holds at once beyond its saved tensors, for chunks
+    of chunk_rows rows. Forward: the fp32 logits and logsumexp's exp(logits - max), both (rows, V).
+    Backward: the head's fp32 gradient accumulator (V, C), then either the fp32 chunk gradient and its
+    matmul-precision copy, or that copy with the (V, C) weight-gradient product and its fp32 copy. Under
+    bf16 the head's weights are cast once more (w); in fp32 none of the copies exist."""
+    V, C = config.vocab_size, config.n_embd
+    cast = matmul_bytes < 4
+    w = matmul_bytes * V * C if cast else 0
+    forward = w + 8 * chunk_rows * V
+    backward = w + 4 * V * C + max(4 * chunk_rows * V + cast * matmul_bytes * chunk_rows * V,
+                                   matmul_bytes * chunk_rows * V + matmul_bytes * V * C + cast * 4 * V * C)
+    return forward, backward
+
+
+def memory_terms(config, batch_pairs, seq_len, response_frac, reference=True, grad_checkpoint=False,
+                 matmul_bytes=2, fused_optimizer=True, chunk_budget=LabelLogProbs.BUDGET["cuda"]):
+    """The terms of a stacked DPO step's memory (bytes) and its peak, the largest of four moments: the
+    end of the forward passes (the reference's head last), the start of backward (the policy's head
+    first), the end of backward, and the optimizer step. matmul_bytes 2: bf16 autocast, the reference
+    cast to bf16 (dpo.freeze on a GPU); 4: fp32 throughout. fused_optimizer: AdamW(fused=True), as
+    runs.make_optimizer on a GPU; without it torch's AdamW makes temporaries the size of a weight."""
+    P = parameter_count(config)
+    C, V = config.n_embd, config.vocab_size
+    rows, tokens = 2 * batch_pairs, 2 * batch_pairs * seq_len
+    labelled = rows * round(seq_len * response_frac)
+    chunk_rows = min(labelled, max(1, chunk_budget // (4 * V)))
+    one_block = block_bytes_per_token(config, matmul_bytes) * tokens
+    head_forward, head_backward = head_scratch_bytes(config, chunk_rows, matmul_bytes)
+    terms = {
+        "weights and AdamW moments": 4 * P + 8 * P,  # fp32 master weights, exp_avg, exp_avg_sq
+        "reference": matmul_bytes * P if reference else 0,
+        # autocast's bf16 casts of the blocks' matmul weights: cached until the forward passes end, and kept
+        # for backward by the matmuls, unless --grad_checkpoint recomputes (and recasts) them there
+        "bf16 weight copies": 2 * 12 * config.n_layer * C * C if matmul_bytes < 4 else 0,
+        "activations": activation_bytes(config, rows, seq_len, labelled, matmul_bytes, grad_checkpoint),
+        "head scratch, forward": head_forward,
+        "head scratch, backward": head_backward,
+        "gradients": 4 * P,  # fp32; all of them exist only at the end of backward
+        # the larger of: the token embedding's gradient from the lookup (V, C), beside the head's until the
+        # two are summed; the first block's activations (kept or recomputed) and the MLP's two (tokens, 4C)
+        # gradients
+        "end of backward": max(4 * V * C + 4 * C * tokens, one_block + 2 * 4 * C * matmul_bytes * tokens),
+        "optimizer scratch": 0 if fused_optimizer else 2 * 4 * V * C,  # sqrt and division of the largest weight
+    }
+    resting = terms["weights and AdamW moments"] + terms["reference"]
+    kept = terms["activations"] + (0 if grad_checkpoint else terms["bf16 weight copies"])
+    moments = {
+        "end of forward": resting + terms["bf16 weight copies"] + terms["activations"] + head_forward,
+        "start of backward": resting + kept + head_backward,
+        "end of backward": resting + terms["gradients"] + terms["end of backward"],
+        "optimizer step": resting + terms["gradients"] + terms["optimizer scratch"],
+    }
+    return terms, max(moments.values())
+
+
+MEMORY_MODES = (("reference live", True, False), ("--precompute_ref", False, False),
+                ("--grad_checkpoint", True, True), ("--grad_checkpoint --precompute_ref", False, True))
+
+
+def memory_table(batch_pairs=8, seq_len=512, response_frac=0.5):
+    """Rows (size, mode, peak GiB, cards it fits) for every GPT-2 size and memory mode."""
+    rows = []
+    for name, shape in GPT2_SIZES.items():
+        config = GPTConfig(**shape)
+        for mode, reference, grad_checkpoint in MEMORY_MODES:
+            _, peak = memory_terms(config, batch_pairs, seq_len, response_frac, reference, grad_checkpoint)
+            gib = peak / 2**30
+            fits = [card for card in CARDS_GIB if gib <= USABLE * card]
+            rows.append({"model": name, "mode": mode, "peak_gib": gib, "fits": fits})
+    return rows
+
+
+def print_memory_table(args):
+    print(f"DPO step, {args.batch_size} pairs x {args.seq_len} tokens (stacked rows, {args.response_frac:.0%} "
+          f"response), bf16 autocast, AdamW; computed, not measured; a card fits at <= {USABLE:.0%} of its memory")
+    print("| model | mode | peak (GiB) | " + " | ".join(f"{card} GB" for card in CARDS_GIB) + " |")
+    print("|---|---|---:|" + ":---:|" * len(CARDS_GIB))
+    for row in memory_table(args.batch_size, args.seq_len, args.response_frac):
+        marks = " | ".join("yes" if card in row["fits"] else "no" for card in CARDS_GIB)
+        print(f"| {row['model']} | {row['mode']} | {row['peak_gib']:.1f} computed | {marks} |")
 
 
 def main(argv=None):
     args = parse_args(argv)
     with user_errors():
-        run(args)
+        if args.memory_table:
+            print_memory_table(args)
+        else:
+            run(args)
 
 
 if __name__ == "__main__":

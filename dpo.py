@@ -280,6 +280,7 @@ def train(args, compute, out):
         reference = None
         print(f"reference log-probs of {len(train_pairs) + len(test_pairs)} pairs in {time.time() - t0:.1f}s")
 
+    policy.grad_checkpoint = args.grad_checkpoint  # recompute each block in backward: memory for compute
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, args.device, kind=args.optimizer)
     start = resume(out, policy, optimizer, compute.scaler) if args.resume else 0
     if args.compile:

@@ -88,9 +88,11 @@ def training_arguments(description, defaults, demo, out_dir_default=None):
     p.add_argument("--eval_batches", type=int, default=20, help="micro-batches of the test split per eval")
     p.add_argument("--seed", type=int, default=1337, help="weights of a scratch model, data order, dropout")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (needs a C compiler on a CPU)")
+    p.add_argument("--grad_checkpoint", action="store_true", help="recompute each block's activations in backward: "
+                   "less memory for about a third more compute (same gradients)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its ckpt.pt, with "
-                   "the same flags (only --max_iters upward, --eval_interval, --eval_batches, --device, --dtype "
-                   "and --compile may change)")
+                   "the same flags (only --max_iters upward, --eval_interval, --eval_batches, --device, --dtype, "
+                   "--compile and --grad_checkpoint may change)")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an OUT_DIR that holds one, "
                    "replacing its checkpoint and log")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout probability while training")
@@ -298,7 +300,8 @@ def check_device(parser, device):
 
 # Flags that define the experiment: --resume refuses when one differs from the checkpoint's. The rest
 # may change on resume: --max_iters (upward), --eval_interval, --eval_batches (what is measured, and
-# when), --device, --dtype, --compile (where and how fast, not what is trained).
+# when), --device, --dtype, --compile, --grad_checkpoint (where, how fast and in how much memory, not
+# what is trained).
 SAME_ON_RESUME = ("init", "ref", "data", "train_split", "test_split", "target", "swap", "beta", "loss_type",
                   "label_smoothing", "optimizer", "batch_size", "grad_accum", "max_len", "max_prompt_len", "seed",
                   "lr", "warmup", "lr_decay_iters", "weight_decay", "grad_clip", "dropout", "share_prompt",

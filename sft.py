@@ -95,6 +95,7 @@ def train(args, compute, out):
         raise UserError(f"--batch_size {args.batch_size} is larger than the {len(train_examples)} training examples")
 
     model = load_model(args.init, args.device, args.dropout, args.max_len, scratch_shape(args))
+    model.grad_checkpoint = args.grad_checkpoint  # recompute each block in backward: memory for compute
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.device)
     start = resume(out, model, optimizer, compute.scaler) if args.resume else 0
     if args.compile:

@@ -418,3 +418,15 @@ def test_sample_crops_a_long_prompt_with_a_notice(sft_dir, tmp_path, capsys):
     assert "1 of 1 prompts are longer than the 56 tokens" in capsys.readouterr().out
     record = json.loads((tmp_path / "long.json").read_text())
     assert record["samples"]["sft"][0]["tokens"] >= 1
+
+
+def test_grad_checkpoint_trains_the_same_and_may_change_on_resume(sft_dir, pairs_file, tmp_path):
+    out_dir = tmp_path / "recomputed"
+    sft_run(out_dir, pairs_file, "--grad_checkpoint")
+    for split in ("train", "test"):
+        losses, expected = read_log(out_dir, split), read_log(sft_dir, split)
+        assert [r["iter"] for r in losses] == [r["iter"] for r in expected] and len(losses) >= 2
+        assert [r["loss"] for r in losses] == pytest.approx([r["loss"] for r in expected], abs=1e-6)
+    # it changes memory and speed, not the experiment: a resumed run may turn it on or off
+    sft_run(out_dir, pairs_file, "--resume", "--max_iters", "6", "--lr_decay_iters", "4")
+    assert load_checkpoint(out_dir / "ckpt.pt")["iter"] == 6

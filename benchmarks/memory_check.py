@@ -1,0 +1,111 @@
+"""bench.memory_terms against a measured peak, on a CPU (Linux): the check behind the memory table.
+
+A GPU reports its peak (torch.cuda.max_memory_allocated; benchmarks/gpu_check.py compares it there); a
+CPU does not, but Linux keeps the process's peak resident memory (VmHWM) and resets it on request. So each
+configuration runs in a fresh process that takes two DPO steps (the optimizer's moments then exist), resets
+the peak to the current resident memory, takes a third step, and reads how far above rest the peak went.
+That is compared with memory_terms' peak minus its resting part (weights, moments, reference), computed
+for the same shapes. glibc is told to map every allocation of 64 kB or more on its own
+(MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident set at once instead of staying cached.
+
+    python benchmarks/memory_check.py      # 6 configurations of a 6 x 384 model; ~15 min on 2 cores (bf16 is slow there)
+
+bf16 runs under CPU autocast, which casts as CUDA's does (matmul inputs bf16, LayerNorm fp32), with the
+reference cast to bf16 as dpo.freeze does on a GPU; LabelLogProbs works in the CPU's 32 MB chunks.
+"""
+import argparse
+import contextlib
+import copy
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import bench  # noqa: E402
+import dpo  # noqa: E402
+from data import dpo_batch  # noqa: E402
+from model import GPT, GPTConfig, LabelLogProbs  # noqa: E402
+
+SHAPE = dict(n_layer=6, n_head=6, n_embd=384)
+PAIRS, SEQ_LEN = 2, 256
+# (precision, grad_checkpoint, fused AdamW, reference live)
+CONFIGURATIONS = [("float32", False, False, True), ("float32", True, False, True), ("float32", True, True, True),
+                  ("bfloat16", False, True, True), ("bfloat16", True, True, True), ("bfloat16", False, True, False)]
+
+
+def resident(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def measure(precision, grad_checkpoint, fused, reference_live):
+    """The peak above rest of one steady DPO step, in this process (bytes)."""
+    torch.manual_seed(0)
+    config = GPTConfig(**SHAPE)
+    policy = GPT(config)
+    policy.grad_checkpoint = grad_checkpoint
+    reference = copy.deepcopy(policy).eval().requires_grad_(False).to(getattr(torch, precision))
+    cached = None
+    if not reference_live:
+        reference = None
+        cached = torch.zeros(PAIRS, 2)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=fused)
+    batch = dpo_batch(bench.synthetic_pairs(PAIRS, SEQ_LEN, 0.5, config.vocab_size))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bfloat16" else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            chosen, rejected = dpo.pair_logps(policy, batch)
+            ref_chosen, ref_rejected = dpo.reference_pair_logps(reference, batch, cached)
+        dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)[0].mean().backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    step()
+    rest = resident("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    step()
+    return resident("VmHWM") - rest
+
+
+def computed(precision, grad_checkpoint, fused, reference_live):
+    terms, peak = bench.memory_terms(GPTConfig(**SHAPE), PAIRS, SEQ_LEN, 0.5, reference_live, grad_checkpoint,
+                                     matmul_bytes=2 if precision == "bfloat16" else 4, fused_optimizer=fused,
+                                     chunk_budget=LabelLogProbs.BUDGET["cpu"])
+    return peak - terms["weights and AdamW moments"] - terms["reference"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child: measure configuration ONE, print bytes
+    args = p.parse_args(argv)
+    if args.one is not None:
+        torch.set_num_threads(2)
+        print(measure(*CONFIGURATIONS[args.one]))
+        return
+    if not os.path.exists("/proc/self/clear_refs"):
+        sys.exit("error: this check reads Linux's /proc/self/status and resets its peak; run it on Linux")
+    print(f"DPO step, {SHAPE['n_layer']} layers x {SHAPE['n_embd']}, {PAIRS} pairs x {SEQ_LEN} tokens, CPU")
+    print("| precision | --grad_checkpoint | fused AdamW | reference | measured MiB | computed MiB | measured / computed |")
+    print("|---|---|---|---|---:|---:|---:|")
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    for number, configuration in enumerate(CONFIGURATIONS):
+        child = subprocess.run([sys.executable, __file__, "--one", str(number)], env=environment,
+                               capture_output=True, text=True, check=True)
+        measured = int(child.stdout.split()[-1])
+        expected = computed(*configuration)
+        precision, grad_checkpoint, fused, reference_live = configuration
+        print(f"| {precision} | {'yes' if grad_checkpoint else 'no'} | {'yes' if fused else 'no'} | "
+              f"{'live' if reference_live else 'precomputed'} | {measured / 2**20:.1f} | {expected / 2**20:.1f} | "
+              f"{measured / expected:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
