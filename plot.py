@@ -3,6 +3,7 @@
     python plot.py curves dpo=out/demo/dpo --out results/dpo-curves.png        # one or more LABEL=OUT_DIR
     python plot.py frontier results/beta-frontier.json --out results/beta-frontier.png
     python plot.py sft-length results/sft-length.json --out results/sft-length.png
+    python plot.py losses --out results/losses.png     # the loss of one pair against beta h, and its pull
 
 `curves` reads OUT_DIR/log.jsonl (train records as thin lines, test evaluations as markers). `frontier`
 reads sample.py's JSON files: one point per model at (mean KL to the reference, mean oracle reward),
@@ -11,6 +12,7 @@ Models labelled FAMILY@STEP (say beta0.1@40: beta 0.1 after 40 DPO steps) are jo
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -210,6 +212,45 @@ def plot_sft_length(path, out, title):
     save(fig, out)
 
 
+def loss_curves(beta_h, smoothing=(0.0, 0.1, 0.25)):
+    """dpo_loss itself, on one pair per value of beta h (beta 1, reference log-probs 0): the loss, and
+    its pull, -dL/d(beta h), for DPO (eps 0) and conservative DPO (eps > 0). Returns {eps: (loss, pull)}."""
+    import torch
+    from dpo import dpo_loss
+    curves = {}
+    for eps in smoothing:
+        h = torch.tensor(beta_h, dtype=torch.float64, requires_grad=True)
+        zero = torch.zeros_like(h)
+        losses = dpo_loss(h, zero, zero, zero, beta=1.0, label_smoothing=eps)[0]
+        losses.sum().backward()  # each pair's loss depends on its own h only: the sum's gradient is each slope
+        curves[eps] = (losses.detach().numpy(), -h.grad.numpy())
+    return curves
+
+
+def plot_losses(out, title):
+    """Two panels: the loss of one pair against beta h, and the pull on it (the gradient's weight)."""
+    beta_h = np.linspace(-6, 8, 281)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(FIGSIZE[0], FIGSIZE[1] * 0.7))
+    for (eps, (loss, pull)), color in zip(loss_curves(beta_h).items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        label = "DPO (eq. 7)" if eps == 0 else f"conservative DPO, eps {eps}: minimum at ln((1-eps)/eps) = " \
+            f"{math.log((1 - eps) / eps):.2f}"
+        left.plot(beta_h, loss, color=color, label=label)
+        right.plot(beta_h, pull, color=color, label=label)
+        if eps:  # the finite minimiser: the pull changes sign there
+            for ax in (left, right):
+                ax.axvline(math.log((1 - eps) / eps), color=color, ls=":", lw=1)
+    left.set_title("loss of one pair: -log sigmoid(beta h) (nats)", fontsize=10)
+    right.set_title("its pull, -dL/d(beta h) = sigmoid(-beta h) for DPO", fontsize=10)
+    for ax in (left, right):
+        ax.axvline(0, color="black", lw=0.6)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xlabel("beta h (h: the log-ratio margin, nats)")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="upper right")
+    fig.suptitle(title, fontsize=11)
+    save(fig, out)
+
+
 def save(fig, out):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     fig.tight_layout()
@@ -232,7 +273,8 @@ def parse_args(argv=None):
     frontier.add_argument("results", nargs="+", metavar="RESULTS.json")
     length = commands.add_parser("sft-length", help="the SFT-length experiment's figure")
     length.add_argument("results", metavar="SFT_LENGTH.json")
-    for sub in (curves, frontier, length):
+    losses = commands.add_parser("losses", help="dpo_loss and its pull against beta h (no input needed)")
+    for sub in (curves, frontier, length, losses):
         sub.add_argument("--out", required=True, help="the PNG to write")
         sub.add_argument("--title", default="", help="the figure's title: say what was run")
     return parser.parse_args(argv)
@@ -256,6 +298,8 @@ def main(argv=None):
             plot_curves(runs, args.out, args.title, hlines)
         elif args.command == "frontier":
             plot_frontier(frontier_points(args.results), args.out, args.title)
+        elif args.command == "losses":
+            plot_losses(args.out, args.title)
         else:
             plot_sft_length(args.results, args.out, args.title)
     except PlotError as e:

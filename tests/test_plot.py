@@ -113,3 +113,17 @@ def test_hline_needs_a_number(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot.main(["curves", str(run), "--hline", "floor", "--out", str(tmp_path / "x.png")])
     assert "--hline 'floor'" in capsys.readouterr().err
+
+
+def test_loss_curves_are_dpo_loss_and_its_pull(tmp_path):
+    beta_h = [-2.0, 0.0, math.log(9), 5.0]
+    curves = plot.loss_curves(beta_h, smoothing=(0.0, 0.1))
+    loss, pull = curves[0.0]
+    assert loss == pytest.approx([math.log1p(math.exp(-x)) for x in beta_h])  # -log sigmoid(x)
+    assert pull == pytest.approx([1 / (1 + math.exp(x)) for x in beta_h])     # sigmoid(-x)
+    assert all(p > 0 for p in pull)  # plain DPO always pulls h up, however large it already is
+    _, pull = curves[0.1]
+    assert pull[2] == pytest.approx(0.0, abs=1e-12)  # conservative DPO stops at ln((1 - eps) / eps) = ln 9
+    assert pull[1] > 0 > pull[3]  # ... and pushes back beyond it
+    plot.main(["losses", "--out", str(tmp_path / "losses.png")])
+    assert (tmp_path / "losses.png").read_bytes()[:8] == PNG_MAGIC
