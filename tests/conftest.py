@@ -46,7 +46,7 @@ def toy_models(tmp_path_factory):
     import sft
     root = tmp_path_factory.mktemp("toy")
     dirs = {name: str(root / name) for name in ("sft", "dpo", "dpo-bad")}
-    sft.main(["--demo", "--max_iters", "150", "--eval_interval", "0", "--eval_batches", "2",
+    sft.main(["--demo", "--max_iters", "150", "--eval_interval", "150", "--eval_batches", "2",  # evals at 0, 150
               "--out_dir", dirs["sft"]] + TINY)
     common = ["--demo", "--init", dirs["sft"], "--beta", "0.1", "--lr", "1e-4", "--max_iters", "30",
               "--eval_interval", "30", "--eval_batches", "4"]  # evals at step 0 and at the end

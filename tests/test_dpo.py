@@ -1,5 +1,6 @@
 """dpo.py: the objective checked against its maths, the batching against separate passes, and the loop
 on the toy task (the good model learns the preference, the swapped one learns its opposite)."""
+import json
 import math
 import os
 
@@ -110,9 +111,12 @@ def test_accumulating_four_micro_batches_of_two_equals_one_batch_of_eight():
 def test_precomputed_reference_gives_the_same_losses_as_the_live_one(tmp_path):
     init = tmp_path / "init"
     make_hf_gpt2(init, n_positions=64, n_layer=2, n_head=2, n_embd=32)
+    data = tmp_path / "pairs.jsonl"  # 80 toy pairs (76 train, 4 test): precomputing covers them all
+    data.write_text("".join(json.dumps(pair) + "\n" for pair in toy_pairs("train")[:80]))
     runs = {}
     for name, extra in (("live", []), ("precomputed", ["--precompute_ref"])):
-        dpo.main(["--demo", "--init", str(init), "--max_iters", "4", "--batch_size", "4", "--grad_accum", "2",
+        dpo.main(["--demo", "--init", str(init), "--data", str(data), "--max_iters", "4", "--batch_size", "4",
+                  "--grad_accum", "2",
                   "--lr", "1e-3", "--eval_interval", "2", "--eval_batches", "1", "--out_dir", str(tmp_path / name)]
                  + extra)
         runs[name] = read_log(tmp_path / name, "train") + read_log(tmp_path / name, "test")

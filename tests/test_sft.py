@@ -62,14 +62,12 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     assert load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["iter"] == 6
 
 
-def test_toy_sft_from_scratch_learns(tmp_path):
-    sft.main(["--demo", "--max_iters", "40", "--batch_size", "16", "--eval_interval", "40",
-              "--eval_batches", "2", "--out_dir", str(tmp_path)] + TINY)
-    evals = read_log(tmp_path, "test")
-    assert evals[0]["iter"] == 0 and evals[-1]["iter"] == 40
+def test_toy_sft_from_scratch_learns(toy_models):
+    evals = read_log(toy_models["sft"], "test")  # the shared toy pipeline's SFT: 150 steps from scratch
+    assert [e["iter"] for e in evals] == [0, 150]
     assert evals[0]["loss"] > 10  # ln(50257) = 10.8: a fresh model guesses uniformly
-    assert evals[-1]["loss"] < evals[0]["loss"] / 2
-    train = read_log(tmp_path, "train")
+    assert evals[-1]["loss"] < 1.0  # the toy replies are nearly predictable: the floor is 0.19 per token
+    train = read_log(toy_models["sft"], "train")
     assert all(k in train[0] for k in ("loss", "lr", "grad_norm", "dt_ms", "tokens_per_s"))
 
 
