@@ -87,17 +87,22 @@ def parse_label(label):
         raise PlotError(f"label {label!r}: what follows @ must be a step number, e.g. beta0.1@40") from None
 
 
+def read_json_field(path, field, what):
+    """One top-level field of a JSON results file, or one line saying what is wrong with the file."""
+    try:
+        with open(path) as f:
+            return json.load(f)[field]
+    except OSError as e:
+        raise PlotError(f"cannot read {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise PlotError(f"{path} is not {what} (no '{field}')") from None
+
+
 def frontier_points(paths):
     """{label: dict(kl, kl_sem, reward, reward_sem, n)} over the samples of sample.py JSON files."""
     points = {}
     for path in paths:
-        try:
-            with open(path) as f:
-                samples = json.load(f)["samples"]
-        except OSError as e:
-            raise PlotError(f"cannot read {path}: {e.strerror}") from None
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise PlotError(f"{path} is not a sample.py results file (no 'samples')") from None
+        samples = read_json_field(path, "samples", "a sample.py results file")
         for label, rows in samples.items():
             if label in points:
                 raise PlotError(f"model label {label!r} appears twice ({path}); labels must be unique")
@@ -173,13 +178,7 @@ def plot_frontier(points, out, title):
 def plot_sft_length(path, out, title):
     """Per SFT length, mean +- standard error across seeds: what SFT reached, what DPO gained and spent,
     and the reference's held-out log-probs (what DPO's loss works on)."""
-    try:
-        with open(path) as f:
-            runs = json.load(f)["runs"]
-    except OSError as e:
-        raise PlotError(f"cannot read {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise PlotError(f"{path} is not an sft-length results file (no 'runs')") from None
+    runs = read_json_field(path, "runs", "an sft-length results file")
     # (title, [(key in the run records, line style)]): solid lines carry the legend
     panels = [("SFT test loss (nats per token)", [("sft_test_loss", "o-")]),
               ("oracle reward: SFT (dashed), after DPO (solid)", [("dpo_reward", "o-"), ("sft_reward", "s--")]),
