@@ -1,4 +1,6 @@
-"""Shared test setup: the project root on sys.path, offline tokenizer files, the HH excerpt, tiny GPT-2 checkpoints."""
+"""Shared test setup: the project root on sys.path, no network waits, the HH excerpt, tiny GPT-2 checkpoints.
+
+tiktoken needs GPT-2's vocabulary: from the network on first use, or offline from TIKTOKEN_CACHE_DIR."""
 import os
 import sys
 
@@ -6,12 +8,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 # the first 512 records of HH-RLHF harmless-base test, shipped in the repository (see its README)
 HH_TEST = os.path.join(ROOT, "examples", "hh-rlhf-harmless-base", "test.jsonl.gz")
 sys.path.insert(0, ROOT)
-if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
 # no test may wait on the network: hub calls fail at once instead of retrying for ~20 s
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
