@@ -173,11 +173,11 @@ def freeze(reference, device, dtype):
 
 def make_batch(pairs, indices, args):
     """The micro-batch of pairs[indices] on the device: stacked 2B rows, or packed rows with --share_prompt."""
-    chosen = [pairs[i] for i in indices]
+    selected = [pairs[i] for i in indices]
     if args.share_prompt:
-        batch = packed_dpo_batch(chosen)
+        batch = packed_dpo_batch(selected)
     else:
-        batch = dpo_batch(chosen)
+        batch = dpo_batch(selected)
     return [t.to(args.device) for t in batch]
 
 
