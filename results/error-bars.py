@@ -1,6 +1,6 @@
 """Error bars for sample tables: mean +- standard error over samples, from sample.py's JSON files.
 
-    python results/error-bars.py results/demo.json results/beta-sweep.json results/beta-sweep-lr1e-4.json \
+    python results/error-bars.py results/demo.json results/beta-sweep.json results/beta-frontier.json \
         > results/error-bars.md
 
 Every model in one file got the same prompts and, per prompt, the same sampling seed, so two models'
