@@ -41,7 +41,7 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # The published GPT-2 sizes (Radford et al., 2019); all share block_size 1024 and vocab_size 50257.
 GPT2_SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
 }

@@ -1,7 +1,7 @@
 """The GPU check: what needs a CUDA machine, in one command, offline, within 8 minutes.
 
     python3 benchmarks/gpu_check.py --out OUT_DIR           # on a CUDA machine: at most --budget_s (450 s)
-    python benchmarks/gpu_check.py --out /tmp/check --tiny --device cpu   # every stage at toy shapes
+    python benchmarks/gpu_check.py --out out/gpu-check --tiny --device cpu   # every stage at toy shapes
 
 Jobs run in this order, most important first; a job starts only if its allowance (what it may take on
 an H100, a first compilation included) still fits in --budget_s, else it is listed as skipped:
