@@ -40,15 +40,15 @@ TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "4", "--n_embd", "64"]
 @pytest.fixture(scope="session")
 def toy_models(tmp_path_factory):
     """The demo pipeline at a smaller scale: SFT from scratch on both toy registers, then DPO and the
-    swapped ("bad") DPO from it. About a minute on 2 cores; shared by the DPO and sample tests."""
+    swapped ("bad") DPO from it. The suite's largest cost; shared by the SFT, DPO and sample tests."""
     import dpo
     import sft
     root = tmp_path_factory.mktemp("toy")
     dirs = {name: str(root / name) for name in ("sft", "dpo", "dpo-bad")}
     sft.main(["--demo", "--max_iters", "150", "--eval_interval", "150", "--eval_batches", "2",  # evals at 0, 150
               "--out_dir", dirs["sft"]] + TINY)
-    common = ["--demo", "--init", dirs["sft"], "--beta", "0.1", "--lr", "1e-4", "--max_iters", "30",
-              "--eval_interval", "30", "--eval_batches", "4"]  # evals at step 0 and at the end
+    common = ["--demo", "--init", dirs["sft"], "--beta", "0.1", "--lr", "1e-4", "--max_iters", "20",
+              "--eval_interval", "20", "--eval_batches", "4"]  # evals at step 0 and at the end
     dpo.main(common + ["--out_dir", dirs["dpo"]])
     dpo.main(common + ["--swap", "--out_dir", dirs["dpo-bad"]])
     return dirs
