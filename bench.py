@@ -23,8 +23,8 @@ recomputed head in backward (model.LabelLogProbs), the recomputed blocks of --gr
     python bench.py --n_layer 6 --n_head 6 --n_embd 384 --batch_size 4 --seq_len 256 --device cpu
     python bench.py --memory_table                      # computed peak memory, gpt2 to gpt2-xl
 """
-import copy
 import json
+import math
 import resource
 import statistics
 import time
@@ -35,7 +35,7 @@ import dpo
 import sft
 from data import collate, dpo_batch, example, packed_dpo_batch
 from model import GPT, GPT2_SIZES, IGNORE_INDEX, GPTConfig, LabelLogProbs
-from runs import ArgumentParser, HelpFormatter, UserError, compute_init, make_optimizer, optimizer_step, user_errors
+from runs import ArgumentParser, HelpFormatter, compute_init, make_optimizer, optimizer_step, user_errors
 
 # dense peak TFLOP/s by GPU name and dtype (vendor datasheets; SXM parts); TF32 stands in for fp32
 PEAK_TFLOPS = {"H100": {"bfloat16": 989, "float16": 989, "float32": 494},
@@ -83,7 +83,8 @@ def peak_tflops(device, dtype):
         for key, peaks in PEAK_TFLOPS.items():
             if key in name:
                 return peaks[dtype]
-        raise UserError(f"peak FLOP/s of {name} unknown; pass --peak_tflops")
+        print(f"notice: peak FLOP/s of {name} unknown, so no MFU; pass --peak_tflops for one")
+        return math.nan
     a = torch.randn(2048, 2048, dtype=getattr(torch, dtype))
     a @ a
     t0 = time.perf_counter()
@@ -151,16 +152,16 @@ def measure(step, args, device):
     for _ in range(args.warmup):
         step()
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
         if device.startswith("cuda"):
-            torch.cuda.synchronize()  # kernels run asynchronously: wait before reading the clock
+            torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
+    peak = (torch.cuda.max_memory_allocated(device) if device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # CPU: the process's peak RSS
     return statistics.median(times), peak
 
@@ -180,16 +181,18 @@ def run(args):
     shape = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
     ctx = compute.autocast
     peak = args.peak_tflops or peak_tflops(device, dtype)
-    torch.manual_seed(0)
-    with torch.device(device):  # initialized where it runs: a CPU init of gpt2-xl takes a while
-        policy = GPT(config)
+
+    def new_model():
+        torch.manual_seed(0)  # the same random weights each time: the reference starts equal to the policy
+        with torch.device(device):  # initialized where it runs: a CPU init of gpt2-xl takes a while
+            return GPT(config)
+
+    policy = new_model()
     policy.grad_checkpoint = args.grad_checkpoint
     optimizer = make_optimizer(policy, 1e-6, 0.0, device)
-    reference = None if args.precompute_ref else dpo.freeze(copy.deepcopy(policy), device, dtype)
     if args.compile:
         policy.compile()
-        if reference is not None:
-            reference.compile()
+    reference = None  # made after the SFT step is measured, so that its memory counts for DPO only
     scaler = compute.scaler
 
     def update(loss):
@@ -200,7 +203,7 @@ def run(args):
     sft_ids, sft_labels = (t.to(device) for t in collate([example(p["prompt"], p["chosen"]) for p in pairs]))
     layout = "packed" if args.share_prompt else "stacked"
     dpo_rows = [t.to(device) for t in (packed_dpo_batch(pairs) if args.share_prompt else dpo_batch(pairs))]
-    ref_logps = None if reference is not None else torch.zeros(args.batch_size, 2)  # (pairs, chosen/rejected)
+    ref_logps = torch.zeros(args.batch_size, 2) if args.precompute_ref else None  # (pairs, chosen/rejected)
 
     def sft_step():
         with ctx:
@@ -221,7 +224,10 @@ def run(args):
     if args.only != "sft":
         counts = work(pairs, layout)
         flops = pass_flops(config, *counts)
-        if reference is not None:
+        if not args.precompute_ref:
+            reference = dpo.freeze(new_model(), device, dtype)
+            if args.compile:
+                reference.compile()
             flops += pass_flops(config, *counts, train=False)
         steps.append(("dpo", counts, flops, *measure(dpo_step, args, device)))
 

@@ -235,7 +235,8 @@ class GPT(nn.Module):
             attn_mask = (causal & ((key == 0) | (key == query)))[:, None]  # (B, 1, T, T): one for all heads
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         # only when a backward pass will follow: in eval or under no_grad there is nothing to save
-        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
+        # (never with a KV cache: recomputing a block would append its keys and values a second time)
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled() and kv_cache is None
         for block in self.transformer.h:
             if recompute:  # non-reentrant: works with autocast and compile; dropout masks are replayed
                 x = checkpoint(block, x, kv_cache, attn_mask, use_reentrant=False)

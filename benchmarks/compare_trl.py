@@ -7,7 +7,7 @@
 
 The workload (benchmarks/workload.py, built under --workload on first use): 400 real HH-RLHF pairs that
 fit in 256 tokens and a random 6-layer x 384 GPT-2-architecture model with GPT-2's vocabulary; CPU, fp32,
-batch 4 pairs, beta 0.1, no accumulation. Each side runs as a whole process for --short and for --long
+batch 4 pairs, beta 0.1, AdamW (TRL's default; dpo.py's is RMSprop), no accumulation. Each side runs as a whole process for --short and for --long
 optimizer steps; (t_long - t_short) / (long - short) is its steady seconds per step, free of start-up
 costs (imports, loading, tokenizing, the end-of-run evaluation and save), and the longer run's peak
 resident memory is its peak. Our dpo.py holds out every 20th pair as its test split (380 train pairs),
@@ -51,7 +51,7 @@ def ours_command(checkpoint, pairs, steps, out_dir, share_prompt=False):
     """dpo.py with the workload's settings; a fresh out_dir each run (a run never continues another)."""
     command = [sys.executable, os.path.join(ROOT, "dpo.py"), "--init", checkpoint, "--data", pairs,
                "--batch_size", str(BATCH_PAIRS), "--grad_accum", "1", "--max_len", str(workload.MAX_TOKENS),
-               "--max_iters", str(steps), "--lr", "1e-6", "--beta", "0.1", "--device", "cpu",
+               "--max_iters", str(steps), "--lr", "1e-6", "--beta", "0.1", "--optimizer", "adamw", "--device", "cpu",
                "--dtype", "float32", "--eval_interval", "0", "--out_dir", out_dir]
     return command + (["--share_prompt"] if share_prompt else [])
 

@@ -10,11 +10,11 @@ an H100, a first compilation included) still fits in --budget_s, else it is list
             torch.compile, activation checkpointing and packed rows on the GPU's kernels
   eager     bench.py's SFT and DPO steps at gpt2 and gpt2-medium shapes, 8 pairs x 512 tokens with
             HH-RLHF's prompt share; the DPO step on stacked rows, then on packed rows (--share_prompt)
-  compile   the same with --compile, at gpt2 (the first of --models)
   memory    what autograd keeps in one forward, and the peak memory of the DPO step (8 x 512, bf16)
-            for all four sizes, reference live / --precompute_ref / --grad_checkpoint, against
+            for all four sizes in bench.py's four memory modes (--memory_table's rows), against
             bench.memory_terms
-  compile   gpt2-medium with --compile, if the budget allows (else: --skip tests,eager,memory --models gpt2-medium)
+  compile   the throughput jobs again with --compile, gpt2 first: last, because a first compilation
+            is the slowest job (if gpt2-medium's are skipped: --skip tests,eager,memory --models gpt2-medium)
   torchrun  dpo.py under torchrun on 2 GPUs against 1 process (same optimizer steps), if there are 2 GPUs
 
 After every job it rewrites OUT_DIR/summary.json (every number) and OUT_DIR/summary.md (the tables), so a
@@ -28,6 +28,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,8 +50,9 @@ STAGES = ("tests", "eager", "memory", "compile", "torchrun")
 # responses 39 and 50, so a response is about 30% of its sequence. The prompt share decides what
 # --share_prompt saves, so the throughput jobs use it; the memory jobs use the table's 50%.
 HH_RESPONSE_FRAC = 0.3
-MEMORY_MODES = {"reference live": [], "--precompute_ref": ["--precompute_ref"],
-                "--grad_checkpoint": ["--grad_checkpoint"]}
+# bench.py's memory modes (the rows of --memory_table) as bench.py flags
+MEMORY_MODES = {mode: ([] if reference else ["--precompute_ref"]) + (["--grad_checkpoint"] if checkpointing else [])
+                for mode, reference, checkpointing in bench.MEMORY_MODES}
 EXCERPT = os.path.join("examples", "hh-rlhf-harmless-base", "test.jsonl.gz")
 
 
@@ -105,7 +107,6 @@ def plan(args):
     memory_sizes = ("gpt2",) if args.tiny else ("gpt2-xl", "gpt2-large", "gpt2-medium", "gpt2")
     for model in throughput_sizes:
         jobs += throughput_jobs(args, model, compiled=False)
-    jobs += throughput_jobs(args, throughput_sizes[0], compiled=True)
     jobs.append(("memory", "saved activations gpt2", 20, activation_job))
     for model in memory_sizes:
         for mode, extra in MEMORY_MODES.items():
@@ -114,7 +115,7 @@ def plan(args):
                 flags[flags.index("--steps") + 1] = "1"
                 flags[flags.index("--warmup") + 1] = "1"
             jobs.append(("memory", f"{model} {mode}", 30, memory_job(flags, model, mode)))
-    for model in throughput_sizes[1:]:
+    for model in throughput_sizes:  # compiling takes the longest: last, so it cannot crowd out the rest
         jobs += throughput_jobs(args, model, compiled=True)
     jobs.append(("torchrun", "dpo.py on 1 and 2 GPUs", 120, run_torchrun))
     return [job for job in jobs if job[0] not in args.skip]
@@ -177,11 +178,17 @@ def run_cuda_tests(args, log):
         # a test module that cannot be imported here (a missing package) must not stop the cuda tests
         command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests", "-p", "no:cacheprovider",
                    "--continue-on-collection-errors", f"--junitxml={report}"]
-        completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.time_left)
-        log.write(completed.stdout + completed.stderr)
+        log.flush()  # the child writes straight to the log: a test that hangs still shows how far it got
+        try:
+            completed = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                       timeout=args.time_left)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"pytest ran past {args.time_left:.0f} s; gpu_check.log shows where") from None
+        if not os.path.exists(report):
+            raise RuntimeError(f"pytest exited {completed.returncode} without a report; see gpu_check.log")
         counts = junit_counts(report)
     if completed.returncode not in (0, 5) and not counts["failed"]:  # 5: nothing collected
-        raise RuntimeError(f"pytest exited {completed.returncode}: {completed.stdout.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"pytest exited {completed.returncode}; see gpu_check.log")
     return counts
 
 
@@ -195,7 +202,7 @@ def junit_counts(path):
             problem = case.find("error")
         if problem is not None:
             counts["failed"] += 1
-            counts["failures"].append((name, (problem.get("message") or "").splitlines()[0][:300]))
+            counts["failures"].append((name, (problem.get("message") or "").partition("\n")[0][:300]))
         elif case.find("skipped") is not None:
             counts["skipped"] += 1
         else:
@@ -218,21 +225,23 @@ def run_torchrun(args, log):
         raise Skip(f"dpo.py needs tiktoken's GPT-2 files: {error}") from None
     common = ["dpo.py", "--init", "scratch", "--n_layer", "12", "--n_head", "12", "--n_embd", "768",
               "--data", EXCERPT, "--max_len", "512", "--batch_size", "8", "--grad_accum", "2", "--max_iters", "20",
-              "--lr", "1e-6", "--eval_interval", "0", "--eval_batches", "1"]
+              "--optimizer", "adamw", "--lr", "1e-4", "--warmup", "2", "--eval_interval", "0", "--eval_batches", "1"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # = torchrun
     result = {}
     scratch = tempfile.mkdtemp(prefix="gpu-check-torchrun-")  # checkpoints: not for OUT_DIR
+    started = time.time()
     for name, launcher in (("1 process", [sys.executable]), ("torchrun 2 processes", torchrun)):
         out_dir = os.path.join(scratch, name.replace(" ", "-"))
         completed = subprocess.run(launcher + common + ["--out_dir", out_dir], cwd=ROOT, capture_output=True,
-                                   text=True, timeout=args.time_left)
+                                   text=True, timeout=max(10, args.time_left - (time.time() - started)))
         log.write(f"$ {' '.join(launcher + common)}\n{completed.stdout}{completed.stderr}\n")
         if completed.returncode != 0:
             raise RuntimeError(f"{name} exited {completed.returncode}: {completed.stderr.strip().splitlines()[-1:]}")
         with open(os.path.join(out_dir, "log.jsonl")) as f:
-            train = [record for record in map(json.loads, f) if record["split"] == "train"][5:]  # past warmup
+            train = [record for record in map(json.loads, f) if record["split"] == "train"][5:]  # past compile/warmup
         result[name] = {"tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train),
                         "dt_ms": sum(r["dt_ms"] for r in train) / len(train), "final_loss": train[-1]["loss"]}
+    shutil.rmtree(scratch)
     return result
 
 
@@ -281,7 +290,7 @@ def run_job(args, stage, name, run):
             outcome = {"status": "skipped", "reason": str(reason)}
         except Exception as error:  # an OOM or a bug in one job must not cost the others
             traceback.print_exc(file=log)
-            outcome = {"status": "failed", "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+            outcome = {"status": "failed", "reason": f"{type(error).__name__}: {str(error).partition(chr(10))[0][:300]}"}
     outcome["seconds"] = time.time() - t0
     if stage == "compile":
         torch._dynamo.reset()  # the next job compiles a new model: old graphs only hold memory

@@ -2,7 +2,8 @@
 
 The other half of compare_trl.py, in its own process so that its time and peak memory are its own.
 Needs `pip install trl` (nothing else in the project does). Settings as on our side: batch 4 pairs, no
-accumulation, beta 0.1, lr 1e-6, sequences up to 256 tokens (none is cut), no gradient checkpointing.
+accumulation, beta 0.1, lr 1e-6, AdamW (TRL's default optimizer), sequences up to 256 tokens (none is
+cut), no gradient checkpointing.
 
     python benchmarks/trl_dpo.py --workload out/trl-workload --steps 10
 """
@@ -12,8 +13,10 @@ import sys
 import tempfile
 import time
 
-import workload
-from runs import HelpFormatter
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
+
+import workload  # noqa: E402
+from runs import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -15,7 +15,7 @@ import dpo
 import sft
 from data import dpo_batch, packed_dpo_batch
 from model import GPT, IGNORE_INDEX, GPTConfig
-from runs import compute_init, make_optimizer
+from runs import compute_init, make_optimizer, optimizer_step
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -95,11 +95,7 @@ def test_fp16_with_grad_scaler_trains_and_skips_an_overflowing_step(device="cuda
         with compute.autocast:
             loss = sft.sft_loss(model, input_ids, labels, n_tokens)
         compute.scaler.scale(loss * scale_loss_by).backward()
-        compute.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        compute.scaler.step(optimizer)
-        compute.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, compute.scaler, grad_clip=1.0)  # the scripts' own unscale, clip, step
         return loss.item()
 
     losses = [step() for _ in range(10)]

@@ -1,8 +1,11 @@
 """GPT.grad_checkpoint: recomputing each block in backward changes no loss and no gradient, in the
 stacked and the packed (shared-prompt) layouts, and it is active only when a backward pass will follow."""
+import contextlib
+
 import pytest
 import torch
 
+import bench
 from model import GPT, IGNORE_INDEX, GPTConfig
 
 
@@ -71,17 +74,8 @@ def test_dropout_masks_are_replayed_in_the_recomputation():
 
 
 def saved_bytes(model, batch):
-    """Bytes of the distinct storages autograd keeps for backward (the weights excluded)."""
-    storages = {}
-
-    def pack(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(*batch).sum()
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(size for pointer, size in storages.items() if pointer not in weights)
+    """Bytes of the distinct storages autograd keeps for backward (the weights excluded): bench.py's count."""
+    return bench.saved_activation_bytes(model, batch, contextlib.nullcontext())
 
 
 def test_checkpointing_keeps_less_and_only_while_training():
