@@ -3,8 +3,9 @@
 DPO measures how far the policy moves from pi_ref on the preference data, so pi_ref should already
 produce responses like those in the data: GPT-2 never saw "\\n\\nHuman: ... \\n\\nAssistant:" dialogues.
 We maximize the likelihood of the chosen responses given their prompts (prompt tokens are not trained
-on). Stop well before convergence: an SFT model that already puts its mass on the chosen responses
-leaves DPO little to learn (see README, "Pitfalls").
+on). How long to train it matters to DPO: too short, and the reference cannot yet write the responses
+DPO is to choose between; run far past the point where the held-out loss flattens, and the same DPO run
+moves the model much less (README, section 4, measures both on the toy task).
 
     python sft.py                      # gpt2 on Anthropic/hh-rlhf, one GPU
     python sft.py --demo               # toy task, tiny model from scratch, a minute on a CPU
@@ -21,8 +22,8 @@ from runs import (UNIFORM_NLL, OutDir, RunLog, StopSignals, UserError, compute_i
                   make_optimizer, optimizer_step, parse_training_arguments, resume, scratch_shape,
                   training_arguments, user_errors)
 
-# Defaults for GPT-2 small on HH-RLHF on one GPU: 64 examples a step, about 0.6 epochs of HH's 160k
-# pairs, so the reference stays short of convergence.
+# Defaults for GPT-2 small on HH-RLHF on one GPU: 64 examples a step, about 0.6 epochs of HH's 161k
+# training pairs (common practice; not tuned here: no GPU has been lent to this project yet).
 DEFAULTS = dict(init="gpt2", data="Anthropic/hh-rlhf", out_dir="out/sft", batch_size=8, grad_accum=8,
                 max_len=512, lr=2e-5, warmup=100, max_iters=1500, eval_interval=250,
                 weight_decay=0.0, target="chosen")
