@@ -2,7 +2,7 @@
 # SFT loss curves on the toy task: the demo's SFT (target both, 300 steps) and a long SFT on the
 # chosen replies alone (a 2,000-step cosine schedule, run to step 1,050 with an evaluation every 25
 # steps), which shows where the held-out loss flattens: at the floor the data's randomness sets (5
-# openers x 5 closers per reply, x 2 registers for target both), with no over-fitting by step 1,050.
+# openers x 5 closers per reply, x 2 tones for target both), with no over-fitting by step 1,050.
 #
 #   bash results/sft-curves.sh   # -> results/sft-curves.png
 set -euo pipefail

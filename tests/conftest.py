@@ -39,7 +39,7 @@ TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "4", "--n_embd", "64"]
 
 @pytest.fixture(scope="session")
 def toy_models(tmp_path_factory):
-    """The demo pipeline at a smaller scale: SFT from scratch on both toy registers, then DPO and the
+    """The demo pipeline at a smaller scale: SFT from scratch on both toy tones (polite and rude), then DPO and the
     swapped ("bad") DPO from it. The suite's largest cost; shared by the SFT, DPO and sample tests."""
     import dpo
     import sft
