@@ -21,6 +21,8 @@ matplotlib.use("Agg")  # files only, no window: works on a server and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sample import mean_and_sem  # noqa: E402  (one definition of the standard error, where samples are made)
+
 DPO_PANELS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
               "logps/chosen", "logps/rejected")
 PANEL_TITLES = {"loss": "loss (ln 2 = 0.693 at step 0)", "rewards/chosen": "rewards/chosen (nats)",
@@ -38,15 +40,6 @@ class PlotError(Exception):
 
 # ----------------------------------------------------------------------------------------------------
 # Numbers (kept apart from drawing so the tests can check them)
-
-def mean_and_sem(values):
-    """Mean and standard error of the mean (sample std with ddof=1, over sqrt(n)); the error is nan for n < 2."""
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        raise PlotError("no values to average")
-    sem = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return float(values.mean()), float(sem)
-
 
 def read_log(out_dir):
     """The records of OUT_DIR/log.jsonl (or of a .jsonl path given directly)."""

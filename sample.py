@@ -203,11 +203,18 @@ def compare(args):
     return prompts, samples, summary, ref_label
 
 
-def mean_and_error(name, values):
-    """{name: mean, name_se: standard error of the mean}: how far the mean could move with other samples."""
+def mean_and_sem(values):
+    """Mean and standard error of the mean (sample std, ddof 1, over sqrt(n)): how far the mean could move
+    with other samples. The error is nan for one value: no estimate, rather than a fake zero."""
     values = np.asarray(values, dtype=float)
     error = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return {name: float(values.mean()), name + "_se": float(error)}
+    return float(values.mean()), float(error)
+
+
+def mean_and_error(name, values):
+    """{name: mean, name_se: its standard error}, for the summary tables."""
+    mean, error = mean_and_sem(values)
+    return {name: mean, name + "_se": error}
 
 
 def write_results(args, prompts, samples, summary, ref_label):

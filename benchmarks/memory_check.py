@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import bench  # noqa: E402
 import dpo  # noqa: E402
 from data import dpo_batch  # noqa: E402
+from runs import optimizer_step  # noqa: E402
 from model import GPT, GPTConfig, LabelLogProbs  # noqa: E402
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384)
@@ -54,6 +55,7 @@ def measure(precision, grad_checkpoint, fused, reference_live):
         reference = None
         cached = torch.zeros(PAIRS, 2)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=fused)
+    no_scaling = torch.amp.GradScaler("cpu", enabled=False)  # fp32 and bf16 need no loss scaling
     batch = dpo_batch(bench.synthetic_pairs(PAIRS, SEQ_LEN, 0.5, config.vocab_size))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bfloat16" else contextlib.nullcontext()
 
@@ -62,9 +64,7 @@ def measure(precision, grad_checkpoint, fused, reference_live):
             chosen, rejected = dpo.pair_logps(policy, batch)
             ref_chosen, ref_rejected = dpo.reference_pair_logps(reference, batch, cached)
         dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)[0].mean().backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(policy, optimizer, no_scaling, grad_clip=1.0)  # the scripts' own clip and step
 
     step()
     step()
