@@ -14,7 +14,6 @@ resident memory is its peak. Our dpo.py holds out every 20th pair as its test sp
 TRL trains on all 400; both draw 4 pairs a step. The machine's load average is printed beside the
 numbers: on a shared machine, compare runs made under similar load.
 """
-import argparse
 import importlib.util
 import os
 import shutil
@@ -28,13 +27,13 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import workload  # noqa: E402
-from runs import HelpFormatter, UserError, user_errors  # noqa: E402
+from runs import ArgumentParser, HelpFormatter, UserError, user_errors  # noqa: E402
 
 BATCH_PAIRS = 4
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--workload", default=os.path.join(ROOT, "out", "trl-workload"),
                    help="where the workload is built and kept (default: out/trl-workload)")
     p.add_argument("--share_prompt", action="store_true", help="run our side with dpo.py --share_prompt")

@@ -22,7 +22,6 @@ run cut short still leaves what it finished; every job's output goes to OUT_DIR/
 files: a device machine sends back only a few. Random weights and synthetic tokens throughout, nothing is
 downloaded (only the torchrun job reads text: the HH excerpt in examples/, with tiktoken's GPT-2 files).
 """
-import argparse
 import contextlib
 import gc
 import json
@@ -43,7 +42,7 @@ import torch  # noqa: E402  (after the path: bench and the lesson files live in 
 
 import bench  # noqa: E402
 from model import GPT2_SIZES  # noqa: E402
-from runs import HelpFormatter  # noqa: E402
+from runs import ArgumentParser, HelpFormatter  # noqa: E402
 
 STAGES = ("tests", "eager", "memory", "compile", "torchrun")
 # HH-RLHF harmless-base (the excerpt in examples/, at --max_len 512): prompts 113 tokens on average,
@@ -57,7 +56,7 @@ EXCERPT = os.path.join("examples", "hh-rlhf-harmless-base", "test.jsonl.gz")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="folder for summary.json, summary.md and gpu_check.log")
     p.add_argument("--budget_s", type=float, default=450, help="seconds for all jobs; a job that would end "
                    "later is skipped")
@@ -110,10 +109,9 @@ def plan(args):
     jobs.append(("memory", "saved activations gpt2", 20, activation_job))
     for model in memory_sizes:
         for mode, extra in MEMORY_MODES.items():
-            flags = bench_flags(args, model, extra=["--only", "dpo", "--response_frac", "0.5", *extra])
-            if not args.tiny:  # one steady step, after the one that makes the optimizer's moments
-                flags[flags.index("--steps") + 1] = "1"
-                flags[flags.index("--warmup") + 1] = "1"
+            # one steady step, after the one that makes the optimizer's moments (a later flag wins in argparse)
+            steady = [] if args.tiny else ["--steps", "1", "--warmup", "1"]
+            flags = bench_flags(args, model, extra=["--only", "dpo", "--response_frac", "0.5", *extra, *steady])
             jobs.append(("memory", f"{model} {mode}", 30, memory_job(flags, model, mode)))
     for model in throughput_sizes:  # compiling takes the longest: last, so it cannot crowd out the rest
         jobs += throughput_jobs(args, model, compiled=True)

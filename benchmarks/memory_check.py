@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import bench  # noqa: E402
 import dpo  # noqa: E402
 from data import dpo_batch  # noqa: E402
-from runs import optimizer_step  # noqa: E402
+from runs import ArgumentParser, optimizer_step  # noqa: E402
 from model import GPT, GPTConfig, LabelLogProbs  # noqa: E402
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384)
@@ -83,7 +83,7 @@ def computed(precision, grad_checkpoint, fused, reference_live):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child: measure configuration ONE, print bytes
     args = p.parse_args(argv)
     if args.one is not None:

@@ -7,7 +7,6 @@ cut), no gradient checkpointing.
 
     python benchmarks/trl_dpo.py --workload out/trl-workload --steps 10
 """
-import argparse
 import os
 import sys
 import tempfile
@@ -16,11 +15,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 
 import workload  # noqa: E402
-from runs import HelpFormatter  # noqa: E402
+from runs import ArgumentParser, HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--workload", required=True, help="the folder benchmarks/workload.py built")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps")
     p.add_argument("--batch_size", type=int, default=4, help="pairs per step")
