@@ -429,9 +429,17 @@ def test_sample_crops_a_long_prompt_with_a_notice(sft_dir, tmp_path, capsys):
     assert record["samples"]["sft"][0]["tokens"] >= 1
 
 
-def test_grad_checkpoint_trains_the_same_and_may_change_on_resume(sft_dir, pairs_file, tmp_path):
+def test_grad_checkpoint_trains_the_same_and_may_change_on_resume(sft_dir, pairs_file, tmp_path, monkeypatch):
+    import model
+    recomputed = []
+
+    def counting_checkpoint(*args, **kwargs):  # the flag must reach the model, not only the parser
+        recomputed.append(1)
+        return torch.utils.checkpoint.checkpoint(*args, **kwargs)
+    monkeypatch.setattr(model, "checkpoint", counting_checkpoint)
     out_dir = tmp_path / "recomputed"
     sft_run(out_dir, pairs_file, "--grad_checkpoint")
+    assert len(recomputed) == 4 * 8 * 1  # 4 steps x 8 micro-batches x 1 block; none in the evals
     for split in ("train", "test"):
         losses, expected = read_log(out_dir, split), read_log(sft_dir, split)
         assert [r["iter"] for r in losses] == [r["iter"] for r in expected] and len(losses) >= 2
