@@ -1,10 +1,9 @@
-"""GPT-2, written out: the transformer, its weights in and out of Hugging Face's layout, and sampling.
+"""GPT-2, written out: the transformer, the log-probability of labels, OpenAI's weights, and sampling.
 
-The module names equal Hugging Face's GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...), so
-importing the published weights is one renaming loop and four transposes. Numerics follow GPT-2 exactly
-(tanh GELU, LayerNorm eps 1e-5, biases everywhere, tied input/output embeddings); tests/test_model.py
-proves our logits equal `transformers.GPT2LMHeadModel`'s. Run plumbing (flags, checkpoints, logs) is
-in runs.py.
+Module names equal Hugging Face's GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...), so
+loading the published weights is one renaming loop and four transposes. The numerics are GPT-2's (tanh
+GELU, LayerNorm eps 1e-5, biases everywhere, tied input and output embeddings): tests/test_model.py
+proves our logits equal `transformers.GPT2LMHeadModel`'s.
 """
 import json
 import math
@@ -16,13 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from runs import UserError, atomic_write, load_checkpoint
+from machinery.fast import LabelLogProbs
 
-IGNORE_INDEX = -100  # label of a position that is not trained on (prompt, padding): PyTorch's convention
+IGNORE_INDEX = -100  # the label of a position that is not trained on (prompt, padding): PyTorch's convention
 
-
-# ----------------------------------------------------------------------------------------------------
-# The transformer
 
 @dataclass
 class GPTConfig:
@@ -32,11 +28,7 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0     # GPT-2 was pretrained with 0.1; for fine-tuning 0 is the usual choice
-    bias: bool = True        # GPT-2 has biases in every Linear and LayerNorm
 
-
-# GPT-2's original code used Conv1D layers, whose weights are stored (in, out): nn.Linear wants (out, in)
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 # The published GPT-2 sizes (Radford et al., 2019); all share block_size 1024 and vocab_size 50257.
 GPT2_SIZES = {
@@ -45,16 +37,17 @@ GPT2_SIZES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
 }
+HUB_REPO = "openai-community/{}"  # where the Hugging Face hub keeps them
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer):
+    def __init__(self, config, layer_idx):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.layer = layer  # this block's slot in the KV cache
+        self.layer_idx = layer_idx  # this block's slot in a KV cache (see forward)
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -66,15 +59,16 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         past = 0
         if kv_cache is not None:
-            # sampling: keys and values of earlier tokens are kept, so each new token costs O(T), not O(T^2)
-            if kv_cache[self.layer] is not None:
-                past_k, past_v = kv_cache[self.layer]
+            # A KV cache, for sampling: the keys and values of the tokens already seen are kept, so each
+            # new token runs alone through the model, O(T) work instead of re-running all T tokens.
+            if kv_cache[self.layer_idx] is not None:
+                past_k, past_v = kv_cache[self.layer_idx]
                 past = past_k.size(2)
                 k = torch.cat([past_k, k], dim=2)  # (B, nh, past + T, hs)
                 v = torch.cat([past_v, v], dim=2)
-            kv_cache[self.layer] = (k, v)
+            kv_cache[self.layer_idx] = (k, v)
         dropout = self.dropout if self.training else 0.0
-        if attn_mask is not None:  # packed rows (data.packed_dpo_batch): who sees whom is given
+        if attn_mask is not None:  # who sees whom is given: padded rows in generate, packed rows
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         elif past == 0:
             # the causal mask as one flag: SDPA then picks flash / memory-efficient kernels where it can
@@ -90,8 +84,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -101,11 +95,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer):
+    def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
-        self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None, attn_mask=None):
@@ -113,67 +107,12 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-# ----------------------------------------------------------------------------------------------------
-# The log-probability of each label: what SFT and DPO train on
-
 def label_logps(logits, labels):
-    """The plain version, two lines: log softmax over the vocabulary, then the entry of each label.
-    (B, T) in fp32, 0 where the label is IGNORE_INDEX. GPT.forward with labels returns the same numbers
-    (tests/test_model.py uses this function as its oracle) without building the (B, T, vocab) logits."""
+    """log p(label) at every position: log softmax over the vocabulary, then the entry of each label.
+    (B, T) in fp32, 0 where the label is IGNORE_INDEX. This is what SFT and DPO train on, and what
+    GPT.forward(idx, labels) returns."""
     logps = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return logps.masked_fill(labels == IGNORE_INDEX, 0.0)
-
-
-class LabelLogProbs(torch.autograd.Function):
-    """log softmax(hidden @ weight.T)[row, target] for N rows, chunk by chunk: label_logps, made lean.
-
-    label_logps keeps the (N, vocab) logits, a log-softmax copy and their gradients alive at once: for a
-    DPO micro-batch of 8 x 512 tokens on GPT-2 that is several GB of fp32. Here one chunk of logits
-    exists at a time; backward recomputes it (one more matmul) and turns it into the gradient in place,
-    using d log p / d logits = onehot(target) - softmax.
-    """
-    # fp32 logits in flight at once. On CPU, 32 MB stays under glibc's largest mmap threshold, so a
-    # freed chunk is reused instead of being returned to the OS and page-faulted back (PERFORMANCE.md
-    # has the measurement); on a GPU, bigger chunks keep the matmuls large.
-    BUDGET = {"cpu": 2**25, "cuda": 2**30}
-
-    @staticmethod
-    def rows_per_chunk(weight):
-        return max(1, LabelLogProbs.BUDGET.get(weight.device.type, 2**25) // (4 * weight.size(0)))
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, dtype):
-        exact = torch.promote_types(dtype, torch.float32)  # fp32 for the sums (fp64 stays fp64)
-        logps = torch.empty(len(targets), dtype=exact, device=hidden.device)
-        lse = torch.empty_like(logps)
-        w = weight.to(dtype)
-        chunk = LabelLogProbs.rows_per_chunk(weight)
-        for s in range(0, len(targets), chunk):
-            e = s + chunk
-            logits = (hidden[s:e].to(dtype) @ w.t()).to(exact)  # (chunk, vocab)
-            lse[s:e] = torch.logsumexp(logits, dim=1)
-            logps[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.dtype = dtype
-        return logps
-
-    @staticmethod
-    def backward(ctx, grad_logps):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        w = weight.to(ctx.dtype)
-        grad_hidden = torch.empty_like(hidden)
-        exact = lse.dtype
-        grad_weight = torch.zeros(weight.shape, dtype=exact, device=weight.device)
-        chunk = LabelLogProbs.rows_per_chunk(weight)
-        for s in range(0, len(targets), chunk):
-            e = s + chunk
-            h = hidden[s:e].to(ctx.dtype)
-            grad = (h @ w.t()).to(exact).sub_(lse[s:e, None]).exp_()  # softmax, (chunk, vocab), in place
-            grad[torch.arange(len(grad), device=grad.device), targets[s:e]] -= 1  # softmax - onehot
-            grad = grad.mul_(-grad_logps[s:e, None]).to(ctx.dtype)  # chain rule: d loss / d logits
-            grad_hidden[s:e] = grad @ w
-            grad_weight += (grad.t() @ h).to(exact)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None
 
 
 class GPT(nn.Module):
@@ -184,13 +123,13 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
             wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
+            h=nn.ModuleList([Block(config, layer_idx) for layer_idx in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=1e-5),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
-        # Activation checkpointing (off by default): keep only each block's input in the forward pass and
-        # recompute the block in backward. Same gradients; about a third more compute, far less memory.
+        # Activation checkpointing (--grad_checkpoint, off by default): keep only each block's input in the
+        # forward pass and recompute the block in backward. Same gradients; a third more compute, less memory.
         self.grad_checkpoint = False
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -208,34 +147,26 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied head is counted once
 
-    def forward(self, idx, labels=None, positions=None, segments=None, kv_cache=None):
+    def forward(self, idx, labels=None, positions=None, attn_mask=None, kv_cache=None):
         """Without labels: the logits at every position, (B, T, vocab_size).
 
-        With labels: log p(labels[b, t] | idx[b, :t+1]) where a label exists and 0 elsewhere, (B, T) in
-        fp32: what SFT and DPO train on. Labels are already shifted (data.py: labels[t] is the token after
-        idx[t]) and IGNORE_INDEX on prompt and padding. The numbers are the plain `label_logps(self(idx),
-        labels)`, but the head runs only on labelled rows (for GPT-2 small the 768 x 50257 head is a third
-        of the FLOPs per token, and prompts are often longer than responses), and the (rows, vocab)
-        logits never exist whole: LabelLogProbs works through them in chunks.
-
-        positions and segments (B, T) describe packed rows (data.packed_dpo_batch): token q attends to
-        token k <= q when k is in segment 0 (the shared prompt) or in q's own segment; labels are then
-        (2, B, T), one plane per response."""
+        With labels: label_logps(self(idx), labels), log p(labels[b, t] | idx[b, :t+1]) where a label
+        exists and 0 elsewhere, (B, T) in fp32: what SFT and DPO train on. Labels are already shifted
+        (data.py: labels[t] is the token after idx[t]). The numbers are the plain label_logps', but
+        machinery/fast.py computes them faster: the output layer (the head, a third of GPT-2 small's
+        FLOPs per token) runs only on labelled positions, and the (positions x vocab) logits never exist
+        whole. positions and attn_mask, when given, override the usual 0..T-1 and causal mask (padded
+        rows in generate; packed rows, whose labels are (2, B, T), in machinery/fast.py)."""
         B, T = idx.size()
         past = 0 if kv_cache is None or kv_cache[0] is None else kv_cache[0][0].size(2)
         if positions is None:
-            # lengths are checked where the data is made (load_model against --max_len, generate crops):
-            # checking positions here would cost a GPU-to-CPU sync on every forward
+            # lengths are checked where the data is made (machinery: --max_len against block_size; generate
+            # crops): checking positions here would cost a GPU-to-CPU sync on every forward
             assert past + T <= self.config.block_size, f"{past + T} positions, block_size {self.config.block_size}"
             positions = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
-        attn_mask = None
-        if segments is not None:
-            query, key = segments[:, :, None], segments[:, None, :]  # (B, T, 1), (B, 1, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-            attn_mask = (causal & ((key == 0) | (key == query)))[:, None]  # (B, 1, T, T): one for all heads
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
-        # only when a backward pass will follow: in eval or under no_grad there is nothing to save
-        # (never with a KV cache: recomputing a block would append its keys and values a second time)
+        # recompute blocks in backward only when one will follow (never with a KV cache, which would be
+        # appended to twice)
         recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled() and kv_cache is None
         for block in self.transformer.h:
             if recompute:  # non-reentrant: works with autocast and compile; dropout masks are replayed
@@ -245,133 +176,93 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         if labels is None:
             return self.lm_head(x)  # (B, T, vocab_size)
-
         mask = labels != IGNORE_INDEX  # (B, T), or (2, B, T) for packed rows
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        hidden = x.expand(*labels.shape, x.size(-1))[mask]  # (N, C); a position may serve two planes
+        hidden = x.expand(*labels.shape, x.size(-1))[mask]  # (N, C): the labelled positions only
         picked = LabelLogProbs.apply(hidden, self.lm_head.weight, labels[mask], dtype)  # (N,)
         return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 eos_token=50256, use_cache=True, generator=None, stop=None):
-        """Continue idx (1, T) by up to max_new_tokens sampled tokens; returns (1, T + new).
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generators=None,
+                 stop=None, eos_token=50256, use_cache=True):
+        """Sample a continuation of every prompt (a list of token ids) at once; returns each one's new tokens.
 
         temperature 0 is greedy. top_k keeps the k likeliest tokens, top_p the smallest set whose
-        probability reaches p (nucleus sampling). Stops after eos_token, when stop(new_token_ids) says
-        so, or at block_size. With use_cache, earlier tokens' keys and values are kept (a KV cache).
+        probability reaches p (nucleus sampling). A row stops after eos_token, when stop(its new tokens)
+        says so, or at block_size. generators: one torch.Generator per row, so a row's samples do not
+        depend on the other rows. Shorter prompts are padded on the left; the padding is masked out of
+        attention and positions count from each row's first real token, so every row gets what it would
+        get alone (tests/test_model.py).
         """
-        assert idx.size(0) == 1, "generate samples one sequence at a time"
-        max_new_tokens = min(max_new_tokens, self.config.block_size - idx.size(1))
+        device, rows = self.transformer.wte.weight.device, len(prompts)
+        longest = max(len(p) for p in prompts)
+        max_new_tokens = min(max_new_tokens, self.config.block_size - longest)
+        # (B, T), padded on the left with token 0: any id would do, padding is masked out of attention
+        idx = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+        real = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts], device=device)
+        padded = not bool(real.all())
+        positions = (real.cumsum(1) - 1).clamp(min=0)  # (B, T): 0 at each row's first real token
         kv_cache = [None] * self.config.n_layer if use_cache else None
-        new = []
-        next_input = idx
+        new, done = [[] for _ in range(rows)], [False] * rows
+        step_ids, step_positions = idx, positions  # what this step runs: all tokens first, then the new one
         for _ in range(max_new_tokens):
-            logits = self(next_input if use_cache else idx, kv_cache=kv_cache)[:, -1, :].float()  # (1, V)
-            if temperature == 0:
-                token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                if top_p is not None and top_p < 1.0:
-                    sorted_logits, order = torch.sort(logits, descending=True)
-                    cumulative = sorted_logits.softmax(-1).cumsum(-1)
-                    drop = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= p
-                    logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-                token = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (1, 1)
-            idx = torch.cat([idx, token], dim=1)
-            next_input = token
-            new.append(token.item())
-            if token.item() == eos_token or (stop is not None and stop(new)):
+            mask = None
+            if padded:  # a query sees the real keys up to itself, and itself (so a padding query sees one key)
+                keys, queries = real.size(1), step_ids.size(1)
+                key_index = torch.arange(keys, device=device)[None, :]                    # (1, K)
+                query_index = torch.arange(keys - queries, keys, device=device)[:, None]  # (T, 1)
+                sees = (key_index <= query_index) & (real[:, None, :] | (key_index == query_index))
+                mask = sees[:, None]  # (B, 1, T, K): one for all heads
+            logits = self(step_ids, positions=step_positions, attn_mask=mask, kv_cache=kv_cache)[:, -1].float()
+            tokens = [sample_token(logits[row], temperature, top_k, top_p, generators[row] if generators else None)
+                      for row in range(rows)]
+            for row, token in enumerate(tokens):
+                if not done[row]:
+                    new[row].append(token)
+                    done[row] = token == eos_token or (stop is not None and stop(new[row]))
+            if all(done):
                 break
-        return idx
-
-    # ------------------------------------------------------------------------------------------------
-    # Weights in and out: Hugging Face's GPT-2 layout and our checkpoints
+            step = torch.tensor(tokens, device=device)[:, None]  # (B, 1)
+            idx = torch.cat([idx, step], dim=1)
+            real = torch.cat([real, torch.ones_like(step, dtype=torch.bool)], dim=1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+            if use_cache:  # only the new token runs; the cache holds the keys and values of the rest
+                step_ids, step_positions = step, positions[:, -1:]
+            else:
+                step_ids, step_positions = idx, positions
+        return new
 
     @classmethod
-    def from_pretrained(cls, name_or_dir, device="cpu"):
-        """A GPT-2 name (downloaded from the hub), a Hugging Face directory, or one of our checkpoint dirs."""
-        if name_or_dir in GPT2_SIZES:
-            config = GPTConfig(**GPT2_SIZES[name_or_dir])
-            weights = _download_weights(name_or_dir)
-        elif os.path.isfile(os.path.join(name_or_dir, "ckpt.pt")):
-            checkpoint = load_checkpoint(os.path.join(name_or_dir, "ckpt.pt"))
-            model = cls(GPTConfig(**checkpoint["config"]))
-            model.load_weights(checkpoint["model"], where=name_or_dir)
-            return model.to(device)
-        elif os.path.isdir(name_or_dir):
-            config = _read_hf_config(name_or_dir)
-            weights = os.path.join(name_or_dir, "model.safetensors")
-            if not os.path.isfile(weights):
-                raise UserError(f"{name_or_dir} has no model.safetensors (nor a ckpt.pt of ours); give a "
-                                "directory written by save_pretrained, or a GPT-2 name")
-        else:
-            raise UserError(f"unknown model {name_or_dir!r}: use one of {', '.join(GPT2_SIZES)}, a Hugging "
-                            "Face directory (config.json + model.safetensors) or a checkpoint directory")
+    def from_pretrained(cls, name_or_dir):
+        """OpenAI's GPT-2 by name (downloaded from the Hugging Face hub), or a Hugging Face directory:
+        config.json and model.safetensors, as transformers' save_pretrained writes them."""
         from safetensors.torch import load_file
-        try:
-            state = load_file(weights)
-        except Exception as e:  # a torn download, a file that is not safetensors
-            raise UserError(f"{weights} is not a readable safetensors file ({type(e).__name__}); download or "
-                            "save it again") from None
+        if name_or_dir in GPT2_SIZES:
+            from huggingface_hub import hf_hub_download
+            config = GPTConfig(**GPT2_SIZES[name_or_dir])
+            path = hf_hub_download(repo_id=HUB_REPO.format(name_or_dir), filename="model.safetensors")
+        else:
+            with open(os.path.join(name_or_dir, "config.json")) as f:
+                config = config_from_hf(json.load(f))
+            path = os.path.join(name_or_dir, "model.safetensors")
         model = cls(config)
-        model.load_weights(hf_to_ours(state, config), where=weights)
-        return model.to(device)
-
-    def load_weights(self, state, where="checkpoint"):
-        """load_state_dict, after check_state has given any mismatch as one line."""
-        check_state({k: v.shape for k, v in self.state_dict().items()}, state, f"the weights in {where}")
-        self.load_state_dict(state)
-
-    def save_pretrained(self, directory):
-        """config.json + model.safetensors in Hugging Face's GPT-2 layout (GPT2LMHeadModel loads it)."""
-        from safetensors.torch import save_file
-        c = self.config
-        config = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=c.vocab_size,
-                      n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-                      n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-                      resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-                      tie_word_embeddings=True)
-        if c.vocab_size > 50256:  # GPT-2's <|endoftext|> exists only in a full-size vocabulary
-            config.update(bos_token_id=50256, eos_token_id=50256)
-        weights = {}
-        for key, tensor in self.state_dict().items():
-            if key == "lm_head.weight":
-                continue  # tied to transformer.wte.weight; the loader ties it again
-            if key.endswith(CONV1D_WEIGHTS):
-                tensor = tensor.t()  # back to Conv1D's (in, out)
-            weights[key] = tensor.detach().to("cpu").contiguous()
-        os.makedirs(directory, exist_ok=True)
-        atomic_write(os.path.join(directory, "model.safetensors"), lambda path: save_file(weights, path))
-
-        def write_config(path):
-            with open(path, "w") as f:
-                f.write(json.dumps(config, indent=2) + "\n")
-        atomic_write(os.path.join(directory, "config.json"), write_config)
+        model.load_state_dict(from_hf(load_file(path)))
+        return model
 
 
-def load_model(init, device="cpu", dropout=0.0, max_len=None, scratch=None):
-    """The model a training run starts from: GPT.from_pretrained(init), or for init "scratch" a fresh
-    GPT with the GPTConfig fields in `scratch`. Dropout is a training choice, not part of the weights,
-    so it is set here; max_len, the longest sequence the run will feed, must fit the position table."""
-    model = GPT(GPTConfig(dropout=dropout, **scratch)) if init == "scratch" else GPT.from_pretrained(init)
-    model.config.dropout = dropout
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = dropout
-        if isinstance(module, CausalSelfAttention):
-            module.dropout = dropout
-    if max_len is not None and max_len > model.config.block_size:
-        raise UserError(f"--max_len {max_len} is longer than {init}'s block_size {model.config.block_size}")
-    return model.to(device)
+def config_from_hf(hf):
+    """Our GPTConfig from the fields of a Hugging Face GPT-2 config.json."""
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"])
 
 
-def hf_to_ours(hf_state, config):
-    """Map a Hugging Face GPT-2 state dict (either key layout) onto ours; checks every key and shape."""
+# GPT-2's original code used Conv1D layers, whose weights are stored (in, out): nn.Linear wants (out, in)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def from_hf(hf_state):
+    """A Hugging Face GPT-2 state dict (either key layout) in our names and shapes."""
     state = {}
     for key, tensor in hf_state.items():
         if key.endswith((".attn.bias", ".attn.masked_bias")):
@@ -380,50 +271,20 @@ def hf_to_ours(hf_state, config):
             key = "transformer." + key  # the hub's gpt2 files have no "transformer." prefix
         state[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
     state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied, often not stored
-    with torch.device("meta"):  # shapes only: nothing allocated, nothing initialized
-        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
-    check_state(expected, state, f"weights for GPT-2 {config.n_layer} layers x {config.n_embd}")
     return state
 
 
-def check_state(expected, state, where):
-    """One line naming missing or unexpected keys, or the first key whose shape differs (both shapes)."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"{where} do not fit the model: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != tuple(shape):
-            raise UserError(f"{where} do not fit the model: {key} has shape {tuple(state[key].shape)} there, "
-                            f"{tuple(shape)} here")
-
-
-def _read_hf_config(directory):
-    path = os.path.join(directory, "config.json")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-        fields = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                      n_head=hf["n_head"], n_embd=hf["n_embd"])
-    except FileNotFoundError:
-        raise UserError(f"{directory} has no config.json; give a directory written by save_pretrained, "
-                        "a checkpoint directory, or a GPT-2 name") from None
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not a GPT-2 config ({type(e).__name__}: {e})") from None
-    for name, value in fields.items():
-        if type(value) is not int or value < 1:  # bool is an int to Python, not here
-            raise UserError(f"{path}: {name} is {value!r}, expected a positive whole number")
-    if fields["n_embd"] % fields["n_head"]:
-        raise UserError(f"{path}: n_embd {fields['n_embd']} is not a multiple of n_head {fields['n_head']}")
-    return GPTConfig(**fields)
-
-
-def _download_weights(name):
-    """Path of name's model.safetensors in the hub cache, downloading it on first use."""
-    from huggingface_hub import hf_hub_download
-    try:
-        return hf_hub_download(repo_id=f"openai-community/{name}", filename="model.safetensors")
-    except Exception as e:  # offline, DNS failure, proxy: all say the same to the user
-        raise UserError(f"could not download {name} from the Hugging Face hub ({type(e).__name__}); "
-                        "check the network, or pass a local directory with config.json and "
-                        "model.safetensors") from None
+def sample_token(logits, temperature, top_k, top_p, generator):
+    """One token from a row of logits (vocab,): greedy at temperature 0, else sampled after top-k / top-p."""
+    if temperature == 0:
+        return logits.argmax().item()
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).item()

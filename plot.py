@@ -10,21 +10,21 @@ reads sample.py's JSON files: one point per model at (mean KL to the reference, 
 with error bars of one standard error over the samples, the analogue of the DPO paper's Figure 2.
 Models labelled FAMILY@STEP (say beta0.1@40: beta 0.1 after 40 DPO steps) are joined in step order.
 """
-import argparse
 import json
 import math
 import os
-import sys
 
 import matplotlib
 matplotlib.use("Agg")  # files only, no window: works on a server and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-from sample import mean_and_sem  # noqa: E402  (one definition of the standard error, where samples are made)
-
-DPO_PANELS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
-              "logps/chosen", "logps/rejected")
+from dpo import METRICS, dpo_loss  # noqa: E402
+from machinery import UserError  # noqa: E402
+from machinery.cli import ArgumentParser, HelpFormatter, description, user_errors  # noqa: E402
+from machinery.results import labelled, mean_and_sem  # noqa: E402
+from machinery.runlog import read_records  # noqa: E402
 PANEL_TITLES = {"loss": "loss (ln 2 = 0.693 at step 0)", "rewards/chosen": "rewards/chosen (nats)",
                 "rewards/rejected": "rewards/rejected (nats)", "rewards/margin": "rewards/margin (nats)",
                 "rewards/accuracy": "rewards/accuracy", "logps/chosen": "logps/chosen (nats)",
@@ -34,31 +34,21 @@ DPO_NOTE = ("rewards: beta log(pi/pi_ref), logps: log pi, both summed over respo
 FIGSIZE, DPI = (10, 6), 100  # 1000 x 600 pixels: readable at README width
 
 
-class PlotError(Exception):
-    """Bad input: main() prints it as one line and exits with status 1."""
-
-
 # ----------------------------------------------------------------------------------------------------
 # Numbers (kept apart from drawing so the tests can check them)
 
 def read_log(out_dir):
-    """The records of OUT_DIR/log.jsonl (or of a .jsonl path given directly)."""
+    """The records of OUT_DIR/log.jsonl (or of a .jsonl path given directly). A line that is not a whole
+    record (the last one, torn by a crash, say) is dropped with a notice, as --resume does."""
     path = out_dir if out_dir.endswith(".jsonl") else os.path.join(out_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"cannot read {path}: no such file; give a run's out_dir (LABEL=OUT_DIR)")
     try:
-        with open(path) as f:
-            lines = f.readlines()
+        records = read_records(path, notice=True)
     except OSError as e:
-        raise PlotError(f"cannot read {path}: {e.strerror}; give a run's out_dir (LABEL=OUT_DIR)") from None
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise PlotError(f"{path}, line {number}: not JSON") from None
-    if not records:
-        raise PlotError(f"{path} has no records")
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if not any(r["split"] in ("train", "test") for r in records):
+        raise UserError(f"{path} has no train or test records: is it a log.jsonl of sft.py or dpo.py?")
     return records
 
 
@@ -77,7 +67,7 @@ def parse_label(label):
     try:
         return family, int(step)
     except ValueError:
-        raise PlotError(f"label {label!r}: what follows @ must be a step number, e.g. beta0.1@40") from None
+        raise UserError(f"label {label!r}: what follows @ must be a step number, e.g. beta0.1@40") from None
 
 
 def read_json_field(path, field, what):
@@ -86,9 +76,9 @@ def read_json_field(path, field, what):
         with open(path) as f:
             return json.load(f)[field]
     except OSError as e:
-        raise PlotError(f"cannot read {path}: {e.strerror}") from None
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise PlotError(f"{path} is not {what} (no '{field}')") from None
+        raise UserError(f"{path} is not {what} (no '{field}')") from None
 
 
 def frontier_points(paths):
@@ -98,9 +88,9 @@ def frontier_points(paths):
         samples = read_json_field(path, "samples", "a sample.py results file")
         for label, rows in samples.items():
             if label in points:
-                raise PlotError(f"model label {label!r} appears twice ({path}); labels must be unique")
+                raise UserError(f"model label {label!r} appears twice ({path}); labels must be unique")
             if not rows or "reward" not in rows[0]:
-                raise PlotError(f"{path}: model {label!r} has no oracle rewards (sample.py --data toy writes them)")
+                raise UserError(f"{path}: model {label!r} has no oracle rewards (sample.py --data toy writes them)")
             kl, kl_sem = mean_and_sem([row["kl"] for row in rows])
             reward, reward_sem = mean_and_sem([row["reward"] for row in rows])
             points[label] = dict(kl=kl, kl_sem=kl_sem, reward=reward, reward_sem=reward_sem, n=len(rows))
@@ -115,8 +105,8 @@ def plot_curves(runs, out, title, hlines=()):
     hlines: [(y, label)], dashed reference lines on the loss panel (say, the loss's floor)."""
     is_dpo = ["rewards/margin" in r for _, records in runs for r in records[:3]]
     if any(is_dpo) and not all(is_dpo):
-        raise PlotError("these logs mix SFT and DPO runs; their losses are different quantities, plot them apart")
-    panels = DPO_PANELS if all(is_dpo) else ("loss",)
+        raise UserError("these logs mix SFT and DPO runs; their losses are different quantities, plot them apart")
+    panels = METRICS if all(is_dpo) else ("loss",)
     fig, axes = plt.subplots(2, 4, figsize=FIGSIZE) if len(panels) > 1 else plt.subplots(figsize=FIGSIZE)
     axes = np.atleast_1d(axes).ravel()
     for (label, records), color in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
@@ -207,8 +197,6 @@ def plot_sft_length(path, out, title):
 def loss_curves(beta_h, smoothing=(0.0, 0.1, 0.25)):
     """dpo_loss itself, on one pair per value of beta h (beta 1, reference log-probs 0): the loss, and
     its pull, -dL/d(beta h), for DPO (eps 0) and conservative DPO (eps > 0). Returns {eps: (loss, pull)}."""
-    import torch
-    from dpo import dpo_loss
     curves = {}
     for eps in smoothing:
         h = torch.tensor(beta_h, dtype=torch.float64, requires_grad=True)
@@ -244,18 +232,26 @@ def plot_losses(out, title):
 
 
 def save(fig, out):
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    """The figure as a PNG, written whole (a temporary file, then renamed) or not at all."""
     fig.tight_layout()
-    fig.savefig(out, dpi=DPI)
-    plt.close(fig)
+    try:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        fig.savefig(out + ".tmp.png", dpi=DPI)
+        os.replace(out + ".tmp.png", out)
+    except OSError as e:
+        raise UserError(f"cannot write --out {out} ({e.strerror}); give a path in a directory you can write to") from None
+    finally:
+        plt.close(fig)
+        if os.path.exists(out + ".tmp.png"):
+            os.remove(out + ".tmp.png")
     print(f"wrote {out}")
 
 
 # ----------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = ArgumentParser(description=description(__doc__), formatter_class=HelpFormatter,
+                            epilog=__doc__.split("\n\n", 1)[1])
     commands = parser.add_subparsers(dest="command", required=True)
     curves = commands.add_parser("curves", help="training curves of one or more runs, overlaid")
     curves.add_argument("runs", nargs="+", metavar="LABEL=OUT_DIR")
@@ -274,19 +270,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with user_errors():
         if args.command == "curves":
-            runs = []
-            for spec in args.runs:
-                label, _, out_dir = spec.partition("=") if "=" in spec else ("", "", spec)
-                runs.append((label or out_dir.rstrip("/").split("/")[-1], read_log(out_dir)))
+            runs = [(label, read_log(out_dir)) for label, out_dir in map(labelled, args.runs)]
             hlines = []
             for spec in args.hline:
                 y, _, label = spec.partition(":")
                 try:
                     hlines.append((float(y), label or None))
                 except ValueError:
-                    raise PlotError(f"--hline {spec!r}: give a number, optionally :LABEL, e.g. 0.155:floor") from None
+                    raise UserError(f"--hline {spec!r}: give a number, optionally :LABEL, e.g. 0.155:floor") from None
             plot_curves(runs, args.out, args.title, hlines)
         elif args.command == "frontier":
             plot_frontier(frontier_points(args.results), args.out, args.title)
@@ -294,9 +287,6 @@ def main(argv=None):
             plot_losses(args.out, args.title)
         else:
             plot_sft_length(args.results, args.out, args.title)
-    except PlotError as e:
-        print(f"plot.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Seconds per DPO step and peak memory: our dpo.py against TRL's DPOTrainer, on the same workload.
 
     pip install trl                                     # only this comparison needs it
-    python benchmarks/compare_trl.py                    # both sides; ~10 minutes on 2 CPU cores
-    python benchmarks/compare_trl.py --share_prompt     # our side with dpo.py --share_prompt
-    python benchmarks/compare_trl.py --ours_only        # no trl needed
+    python -m benchmarks.compare_trl                    # both sides; ~10 minutes on 2 CPU cores
+    python -m benchmarks.compare_trl --share_prompt     # our side with dpo.py --share_prompt
+    python -m benchmarks.compare_trl --ours_only        # no trl needed
 
 The workload (benchmarks/workload.py, built under --workload on first use): 400 real HH-RLHF pairs that
 fit in 256 tokens and a random 6-layer x 384 GPT-2-architecture model with GPT-2's vocabulary; CPU, fp32,
@@ -22,18 +22,17 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+from benchmarks import workload
+from machinery import UserError
+from machinery.cli import ArgumentParser, HelpFormatter, description, user_errors
 
-import workload  # noqa: E402
-from runs import ArgumentParser, HelpFormatter, UserError, user_errors  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BATCH_PAIRS = 4
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="python -m benchmarks.compare_trl", description=description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--workload", default=os.path.join(ROOT, "out", "trl-workload"),
                    help="where the workload is built and kept (default: out/trl-workload)")
     p.add_argument("--share_prompt", action="store_true", help="run our side with dpo.py --share_prompt")
@@ -56,7 +55,7 @@ def ours_command(checkpoint, pairs, steps, out_dir, share_prompt=False):
 
 
 def trl_command(workload_dir, steps):
-    return [sys.executable, os.path.join(HERE, "trl_dpo.py"), "--workload", workload_dir, "--steps", str(steps),
+    return [sys.executable, "-m", "benchmarks.trl_dpo", "--workload", workload_dir, "--steps", str(steps),
             "--batch_size", str(BATCH_PAIRS)]
 
 

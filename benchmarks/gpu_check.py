@@ -1,25 +1,25 @@
-"""The GPU check: what needs a CUDA machine, in one command, offline, within 8 minutes.
+"""The GPU check: what needs a CUDA machine, in one command, offline, within a time budget.
 
-    python3 benchmarks/gpu_check.py --out OUT_DIR           # on a CUDA machine: at most --budget_s (450 s)
-    python benchmarks/gpu_check.py --out out/gpu-check --tiny --device cpu   # every stage at toy shapes
+    python -m benchmarks.gpu_check --out OUT_DIR         # on a CUDA machine: at most --budget_s seconds
+    python -m benchmarks.gpu_check --out out/gpu-check --tiny --device cpu   # every stage at toy shapes
 
 Jobs run in this order, most important first; a job starts only if its allowance (what it may take on
 an H100, a first compilation included) still fits in --budget_s, else it is listed as skipped:
 
   tests     python -m pytest -m cuda tests: bf16 against fp32, fp16 + GradScaler, the bf16 reference,
             torch.compile, activation checkpointing and packed rows on the GPU's kernels
-  eager     bench.py's SFT and DPO steps at gpt2 and gpt2-medium shapes, 8 pairs x 512 tokens with
+  eager     benchmarks/bench.py's SFT and DPO steps at gpt2 and gpt2-medium shapes, 8 pairs x 512 tokens with
             HH-RLHF's prompt share; the DPO step on stacked rows, then on packed rows (--share_prompt)
   memory    what autograd keeps in one forward, and the peak memory of the DPO step (8 x 512, bf16)
-            for all four sizes in bench.py's four memory modes (--memory_table's rows), against
-            bench.memory_terms
+            for all four sizes in benchmarks/memory.py's four memory modes (its table's rows), against
+            memory.memory_terms
   compile   the throughput jobs again with --compile, gpt2 first: last, because a first compilation
             is the slowest job (if gpt2-medium's are skipped: --skip tests,eager,memory --models gpt2-medium)
   torchrun  dpo.py under torchrun on 2 GPUs against 1 process (same optimizer steps), if there are 2 GPUs
 
 After every job it rewrites OUT_DIR/summary.json (every number) and OUT_DIR/summary.md (the tables), so a
-run cut short still leaves what it finished; every job's output goes to OUT_DIR/gpu_check.log. Three
-files: a device machine sends back only a few. Random weights and synthetic tokens throughout, nothing is
+run cut short still leaves what it finished; every job's output goes to OUT_DIR/gpu_check.log: three
+files in all. Random weights and synthetic tokens throughout, nothing is
 downloaded (only the torchrun job reads text: the HH excerpt in examples/, with tiktoken's GPT-2 files).
 """
 import contextlib
@@ -35,28 +35,27 @@ import time
 import traceback
 import xml.etree.ElementTree as ElementTree
 
+import torch
+
+from benchmarks import bench, memory
+from machinery.cli import ArgumentParser, HelpFormatter, description
+from model import GPT2_SIZES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402  (after the path: bench and the lesson files live in the root)
-
-import bench  # noqa: E402
-from model import GPT2_SIZES  # noqa: E402
-from runs import ArgumentParser, HelpFormatter  # noqa: E402
 
 STAGES = ("tests", "eager", "memory", "compile", "torchrun")
 # HH-RLHF harmless-base (the excerpt in examples/, at --max_len 512): prompts 113 tokens on average,
 # responses 39 and 50, so a response is about 30% of its sequence. The prompt share decides what
 # --share_prompt saves, so the throughput jobs use it; the memory jobs use the table's 50%.
 HH_RESPONSE_FRAC = 0.3
-# bench.py's memory modes (the rows of --memory_table) as bench.py flags
+# the memory modes (the rows of benchmarks/memory.py's table) as benchmarks/bench.py flags
 MEMORY_MODES = {mode: ([] if reference else ["--precompute_ref"]) + (["--grad_checkpoint"] if checkpointing else [])
-                for mode, reference, checkpointing in bench.MEMORY_MODES}
+                for mode, reference, checkpointing in memory.MEMORY_MODES}
 EXCERPT = os.path.join("examples", "hh-rlhf-harmless-base", "test.jsonl.gz")
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="python -m benchmarks.gpu_check", description=description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="folder for summary.json, summary.md and gpu_check.log")
     p.add_argument("--budget_s", type=float, default=450, help="seconds for all jobs; a job that would end "
                    "later is skipped")
@@ -120,7 +119,7 @@ def plan(args):
 
 
 def throughput_jobs(args, model, compiled):
-    """bench.py's SFT and DPO steps on stacked rows, then the DPO step on packed rows."""
+    """benchmarks/bench.py's SFT and DPO steps on stacked rows, then the DPO step on packed rows."""
     jobs = []
     for share_prompt in (False, True):
         flags = bench_flags(args, model, share_prompt, compiled, ["--response_frac", str(HH_RESPONSE_FRAC)])
@@ -140,7 +139,7 @@ def memory_job(flags, model, mode):
     def run(args, log):
         parsed = bench.parse_args(flags)
         result = bench.run(parsed)
-        _, computed = bench.memory_terms(bench.model_config(parsed), parsed.batch_size, parsed.seq_len,
+        _, computed = memory.memory_terms(bench.model_config(parsed), parsed.batch_size, parsed.seq_len,
                                          parsed.response_frac, reference=not parsed.precompute_ref,
                                          grad_checkpoint=parsed.grad_checkpoint)
         measured = result["steps"][0]["peak_memory_mb"] * 2**20 if args.device.startswith("cuda") else None
@@ -162,9 +161,9 @@ def activation_job(args, log):
     pairs = bench.synthetic_pairs(parsed.batch_size, parsed.seq_len, parsed.response_frac, config.vocab_size)
     batch = [t.to(args.device) for t in dpo_batch(pairs)]
     autocast = torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
-    measured = bench.saved_activation_bytes(model, batch, autocast)
-    labelled = bench.work(pairs, "stacked")[2]
-    computed = (bench.activation_bytes(config, 2 * parsed.batch_size, parsed.seq_len, labelled, 2)
+    measured = memory.saved_activation_bytes(model, batch, autocast)
+    labelled = bench.counted_work(pairs, "stacked")[2]
+    computed = (memory.activation_bytes(config, 2 * parsed.batch_size, parsed.seq_len, labelled, 2)
                 + 2 * 12 * config.n_layer * config.n_embd ** 2)
     return {"measured_bytes": measured, "computed_bytes": computed, "ratio": measured / computed}
 
@@ -216,7 +215,7 @@ def run_torchrun(args, log):
     if torch.cuda.device_count() < 2:
         raise Skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
     from data import get_tokenizer
-    from runs import UserError
+    from machinery import UserError
     try:
         get_tokenizer()
     except UserError as error:
@@ -349,7 +348,7 @@ def markdown(summary):
         best = max((s["mfu"], job["name"]) for job in steps for s in job["result"]["steps"] if s["step"] == "dpo")
         lines += ["", f"Batch {r['batch_size']} x {r['seq_len']} tokens, {r['response_frac']:.0%} response, {r['dtype']}; "
                   "tokens/s counts each pair's two sequences in both layouts. "
-                  f"Best DPO step: {best[0]:.1%} MFU ({best[1]}); the target on an H100 is 40%.", ""]
+                  f"Best DPO step: {best[0]:.1%} MFU ({best[1]}).", ""]
     if summary["share_prompt"]:
         lines += ["## --share_prompt against stacked rows (DPO step)", "",
                   "| shape | compile | stacked ms | packed ms | packed / stacked |", "|---|---|---:|---:|---:|"]

@@ -1,4 +1,4 @@
-"""bench.memory_terms against a measured peak, on a CPU (Linux): the check behind the memory table.
+"""benchmarks.memory.memory_terms against a measured peak, on a CPU (Linux): the check behind the memory table.
 
 A GPU reports its peak (torch.cuda.max_memory_allocated; benchmarks/gpu_check.py compares it there); a
 CPU does not, but Linux keeps the process's peak resident memory (VmHWM) and resets it on request. So each
@@ -8,7 +8,7 @@ That is compared with memory_terms' peak minus its resting part (weights, moment
 for the same shapes. glibc is told to map every allocation of 64 kB or more on its own
 (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident set at once instead of staying cached.
 
-    python benchmarks/memory_check.py      # 6 configurations of a 6 x 384 model; ~15 min on 2 cores (bf16 is slow there)
+    python -m benchmarks.memory_check      # 6 configurations of a 6 x 384 model; ~15 min on 2 cores (bf16 is slow there)
 
 bf16 runs under CPU autocast, which casts as CUDA's does (matmul inputs bf16, LayerNorm fp32), with the
 reference cast to bf16 as dpo.freeze does on a GPU; LabelLogProbs works in the CPU's 32 MB chunks.
@@ -20,16 +20,15 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import bench  # noqa: E402
-import dpo  # noqa: E402
-from data import dpo_batch  # noqa: E402
-from runs import ArgumentParser, optimizer_step  # noqa: E402
-from model import GPT, GPTConfig, LabelLogProbs  # noqa: E402
+import dpo
+from benchmarks import bench, memory
+from data import dpo_batch
+from machinery.cli import ArgumentParser
+from machinery.compute import optimizer_step
+from machinery.fast import LabelLogProbs
+from model import GPT, GPTConfig
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384)
 PAIRS, SEQ_LEN = 2, 256
@@ -49,6 +48,7 @@ def measure(precision, grad_checkpoint, fused, reference_live):
     config = GPTConfig(**SHAPE)
     policy = GPT(config)
     policy.grad_checkpoint = grad_checkpoint
+    # as dpo.freeze does on a GPU (it casts only there): this CPU stands in for one
     reference = copy.deepcopy(policy).eval().requires_grad_(False).to(getattr(torch, precision))
     cached = None
     if not reference_live:
@@ -76,7 +76,7 @@ def measure(precision, grad_checkpoint, fused, reference_live):
 
 
 def computed(precision, grad_checkpoint, fused, reference_live):
-    terms, peak = bench.memory_terms(GPTConfig(**SHAPE), PAIRS, SEQ_LEN, 0.5, reference_live, grad_checkpoint,
+    terms, peak = memory.memory_terms(GPTConfig(**SHAPE), PAIRS, SEQ_LEN, 0.5, reference_live, grad_checkpoint,
                                      matmul_bytes=2 if precision == "bfloat16" else 4, fused_optimizer=fused,
                                      chunk_budget=LabelLogProbs.BUDGET["cpu"])
     return peak - terms["weights and AdamW moments"] - terms["reference"]
@@ -97,7 +97,7 @@ def main(argv=None):
     print("|---|---|---|---|---:|---:|---:|")
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for number, configuration in enumerate(CONFIGURATIONS):
-        child = subprocess.run([sys.executable, __file__, "--one", str(number)], env=environment,
+        child = subprocess.run([sys.executable, "-m", "benchmarks.memory_check", "--one", str(number)], env=environment,
                                capture_output=True, text=True, check=True)
         measured = int(child.stdout.split()[-1])
         expected = computed(*configuration)

@@ -5,17 +5,15 @@ Needs `pip install trl` (nothing else in the project does). Settings as on our s
 accumulation, beta 0.1, lr 1e-6, AdamW (TRL's default optimizer), sequences up to 256 tokens (none is
 cut), no gradient checkpointing.
 
-    python benchmarks/trl_dpo.py --workload out/trl-workload --steps 10
+    python -m benchmarks.trl_dpo --workload out/trl-workload --steps 10
 """
 import os
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
-
-import workload  # noqa: E402
-from runs import ArgumentParser, HelpFormatter  # noqa: E402
+from benchmarks import workload
+from machinery.cli import ArgumentParser, HelpFormatter
 
 
 def parse_args(argv=None):
@@ -39,7 +37,7 @@ def main(argv=None):
     checkpoint = os.path.join(args.workload, workload.CHECKPOINT)
     pairs = os.path.join(args.workload, "pairs.jsonl")
     if not os.path.isfile(pairs) or not os.path.isdir(checkpoint):
-        sys.exit(f"error: no workload in {args.workload}: build it with python benchmarks/workload.py {args.workload}")
+        sys.exit(f"error: no workload in {args.workload}: build it with python -m benchmarks.workload {args.workload}")
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)  # GPT-2's vocab.json and merges.txt
     tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no padding token

@@ -8,18 +8,19 @@ checkpoint, the same for both systems measured.
   vocabulary and 1,024 positions, random weights (seed 0), written by transformers in Hugging Face
   layout, plus GPT-2's vocab.json and merges.txt (from tiktoken's files) for TRL's tokenizer.
 
-    python benchmarks/workload.py out/trl-workload      # builds it (compare_trl.py does this itself)
+    python -m benchmarks.workload out/trl-workload      # builds it (compare_trl.py does this itself)
 """
 import gzip
 import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from data import get_tokenizer
+from machinery import UserError
+from machinery.cli import user_errors
+from machinery.formats import records_to_pairs
 
-from data import get_tokenizer, records_to_pairs  # noqa: E402
-from runs import UserError, user_errors  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXCERPT = os.path.join(ROOT, "examples", "hh-rlhf-harmless-base", "test.jsonl.gz")
 N_PAIRS = 400
@@ -79,6 +80,6 @@ def write_checkpoint(directory):
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: python benchmarks/workload.py DIRECTORY")
+        sys.exit("usage: python -m benchmarks.workload DIRECTORY")
     with user_errors():
         print(*build(sys.argv[1]), sep="\n")

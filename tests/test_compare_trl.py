@@ -6,13 +6,8 @@ import sys
 import pytest
 
 import dpo
-from conftest import ROOT
+from benchmarks import compare_trl, trl_dpo, workload
 from data import get_tokenizer
-
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import compare_trl  # noqa: E402
-import trl_dpo  # noqa: E402
-import workload  # noqa: E402
 
 
 def test_workload_is_the_first_400_excerpt_pairs_that_fit_in_256_tokens():
@@ -38,7 +33,7 @@ def test_workload_is_the_first_400_excerpt_pairs_that_fit_in_256_tokens():
 def test_our_command_is_what_dpo_py_accepts(tmp_path):
     model_dir = str(tmp_path)  # dpo.py checks that its --init exists
     command = compare_trl.ours_command(model_dir, "pairs.jsonl", 10, "out-dir", share_prompt=True)
-    assert command[:2] == [sys.executable, os.path.join(ROOT, "dpo.py")]
+    assert command[:2] == [sys.executable, os.path.join(compare_trl.ROOT, "dpo.py")]
     args = dpo.parse_args(command[2:])
     assert (args.init, args.data, args.out_dir) == (model_dir, "pairs.jsonl", "out-dir")
     assert (args.batch_size, args.grad_accum, args.max_len, args.max_iters) == (4, 1, 256, 10)
@@ -49,8 +44,8 @@ def test_our_command_is_what_dpo_py_accepts(tmp_path):
 
 def test_trl_command_is_what_trl_dpo_py_accepts():
     command = compare_trl.trl_command("work", 2)
-    assert command[1] == os.path.join(ROOT, "benchmarks", "trl_dpo.py")
-    args = trl_dpo.parse_args(command[2:])
+    assert command[1:3] == ["-m", "benchmarks.trl_dpo"]
+    args = trl_dpo.parse_args(command[3:])
     assert (args.workload, args.steps, args.batch_size) == ("work", 2, compare_trl.BATCH_PAIRS)
 
 

@@ -13,9 +13,10 @@ import torch
 
 import dpo
 import sft
-from data import dpo_batch, packed_dpo_batch
+from data import dpo_batch
+from machinery.compute import init_compute, make_optimizer, optimizer_step
+from machinery.fast import packed_dpo_batch
 from model import GPT, IGNORE_INDEX, GPTConfig
-from runs import compute_init, make_optimizer, optimizer_step
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.cuda,
 
 @pytest.fixture(autouse=True)
 def exact_fp32():
-    """fp32 as the oracle means fp32 matmuls: TF32 (which compute_init turns on) is switched off here."""
+    """fp32 as the oracle means fp32 matmuls: TF32 (which init_compute turns on) is switched off here."""
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
@@ -85,7 +86,7 @@ def test_bf16_autocast_loss_and_gradient_are_close_to_fp32(device="cuda"):
 
 def test_fp16_with_grad_scaler_trains_and_skips_an_overflowing_step(device="cuda"):
     args = argparse.Namespace(device=device, dtype="float16")
-    compute = compute_init(args)
+    compute = init_compute(args)
     assert compute.scaler.is_enabled()  # fp16 needs loss scaling; bf16 and fp32 do not
     model = small_gpt(args.device)
     optimizer = make_optimizer(model, 1e-3, 0.0, args.device)
@@ -118,7 +119,7 @@ def test_bf16_reference_gives_rewards_near_zero_at_the_start(device="cuda"):
     batch = on(device, dpo_batch(random_pairs()))
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
         chosen, rejected = dpo.pair_logps(policy, batch)
-        ref_chosen, ref_rejected = dpo.reference_pair_logps(reference, batch, None)
+        ref_chosen, ref_rejected = dpo.reference_logps(reference, batch, None, None)
     losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)
     assert ref_chosen.dtype == torch.float32
     # beta 0.1 x the rounding of ~40-token sums (0.015 at most on a CPU's bf16)

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import dpo
-import runs
 import sft
 from conftest import ROOT, read_log
 from data import toy_pairs
-from runs import load_checkpoint
+from machinery import UserError
+from machinery.checkpoints import load_checkpoint
+from machinery.compute import Compute, init_compute
 
 MODEL = ["--init", "scratch", "--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
          "--max_len", "64", "--batch_size", "2", "--grad_accum", "4", "--eval_batches", "3", "--eval_interval", "2",
@@ -26,11 +27,11 @@ MODEL = ["--init", "scratch", "--device", "cpu", "--n_layer", "1", "--n_head", "
 
 
 def torchrun(script, *args, env=None):
-    """`torchrun --standalone --nproc_per_node 2 script args` from the project root."""
+    """`torchrun --standalone --nproc_per_node 2 script args` (script in the project root, or a path)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), *map(str, args)]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment)
+               os.path.join(ROOT, str(script)), *map(str, args)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_two_processes_take_the_sft_steps_of_one_and_resume_exactly(runs_dir):
     flags = MODEL + ["--data", runs_dir / "pairs.jsonl", "--out_dir", runs_dir / "sft-2", "--lr_decay_iters", "4"]
     first = torchrun("sft.py", *flags, "--max_iters", "2")
     assert first.returncode == 0, first.stderr
-    assert "effective batch 2 x 4 = 8 examples over 2 processes" in first.stdout
+    assert "torchrun: 2 processes, 2 micro-batches each per step" in first.stdout
     assert first.stdout.count("saved ") == 1  # process 0 speaks for both
     second = torchrun("sft.py", *flags, "--max_iters", "4", "--resume")
     assert second.returncode == 0, second.stderr
@@ -87,8 +88,7 @@ def test_two_processes_take_the_dpo_steps_of_one(runs_dir):
 def test_a_nan_on_one_process_stops_both_with_one_message(runs_dir, tmp_path):
     wrapper = tmp_path / "nan_on_process_1.py"
     wrapper.write_text(
-        "import os, sys\n"
-        f"sys.path.insert(0, {ROOT!r})\n"
+        "import os\n"
         "import model, sft\n"
         "real, calls = model.GPT.forward, [0]\n"
         "def forward(self, idx, labels=None, **kwargs):\n"
@@ -112,6 +112,20 @@ def test_grad_accum_must_divide_among_the_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     args = argparse.Namespace(device="cpu", dtype="auto", grad_accum=3)
-    with pytest.raises(runs.UserError, match="--grad_accum 3 is the step's micro-batches in all, so it must be "
-                                             "a multiple of the 2 processes"):
-        runs.compute_init(args)
+    with pytest.raises(UserError, match="--grad_accum 3 is the step's micro-batches in all, so it must be "
+                                        "a multiple of the 2 processes"):
+        init_compute(args)
+
+
+def test_a_collective_that_fails_names_the_process_and_what_it_waited_for():
+    compute = Compute("cpu", "float32", None, None, rank=1, world_size=2, timeout=5)
+
+    def timed_out(tensor, **kwargs):  # what gloo raises when the other process stopped answering
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+                           "5000ms for recv operation to complete\nmore lines")
+
+    with pytest.raises(UserError) as error:
+        compute._collective(timed_out, torch.zeros(1), what="the sum of a metric")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("process 1 of 2 waited for the sum of a metric")
+    assert "--dist_timeout 5 s" in message and "Timed out waiting 5000ms" in message

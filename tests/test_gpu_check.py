@@ -2,14 +2,10 @@
 toy shapes, the summary it writes, the JUnit counting of the tests stage, and its bad-input lines."""
 import json
 import os
-import sys
 
 import pytest
 
-from conftest import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import gpu_check  # noqa: E402
+from benchmarks import gpu_check
 
 
 def test_tiny_run_writes_a_sane_summary(tmp_path):

@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-import bench
+from benchmarks import memory
 from model import GPT, IGNORE_INDEX, GPTConfig
 
 
@@ -29,12 +29,14 @@ def packed_batch():
     generator = torch.Generator().manual_seed(2)
     idx = torch.randint(97, (2, 11), generator=generator)
     positions = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 5, 6, 7]).repeat(2, 1)
-    segments = torch.tensor([0] * 5 + [1] * 3 + [2] * 3).repeat(2, 1)
+    segments = torch.tensor([0] * 5 + [1] * 3 + [2] * 3)
+    sees = (torch.ones(11, 11, dtype=torch.bool).tril() & ((segments[None, :] == 0) | (segments[None, :] == segments[:, None])))
+    attn_mask = sees.expand(2, 1, 11, 11)  # a token sees the prompt and its own response
     labels = torch.full((2, 2, 11), IGNORE_INDEX)
     labels[0, :, 4:8] = torch.randint(97, (2, 4), generator=generator)  # chosen: from the prompt's last token
     labels[1, :, 4] = torch.randint(97, (2,), generator=generator)      # rejected: its first token ...
     labels[1, :, 8:11] = torch.randint(97, (2, 3), generator=generator)  # ... and the rest of it
-    return idx, labels, positions, segments
+    return idx, labels, positions, attn_mask
 
 
 def loss_and_grads(model, batch, grad_checkpoint, seed=None):
@@ -74,8 +76,8 @@ def test_dropout_masks_are_replayed_in_the_recomputation():
 
 
 def saved_bytes(model, batch):
-    """Bytes of the distinct storages autograd keeps for backward (the weights excluded): bench.py's count."""
-    return bench.saved_activation_bytes(model, batch, contextlib.nullcontext())
+    """Bytes of the distinct storages autograd keeps for backward (the weights excluded): benchmarks/memory.py's count."""
+    return memory.saved_activation_bytes(model, batch, contextlib.nullcontext())
 
 
 def test_checkpointing_keeps_less_and_only_while_training():

@@ -1,10 +1,15 @@
-"""sample.py: side-by-side generations and the numbers of the demo, on the toy pipeline."""
+"""sample.py and machinery/results.py: side-by-side generations and the numbers of the demo, on the toy
+pipeline; what it checks before it samples; strict JSON."""
 import json
+import math
+import os
 
 import pytest
 
 import sample
+from conftest import refused
 from data import toy_reward
+from machinery.results import strict, table
 
 
 def test_sample_ranks_dpo_over_sft_over_the_bad_model(toy_models, tmp_path):
@@ -48,8 +53,8 @@ def test_no_prompts_is_one_clear_line(toy_models, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--model", "a/dpo", "--model", "b/dpo"], "share a label"),
-    (["--model", "x", "--top_k", "0"], "--top_k must be at least 1"),
-    (["--model", "x", "--top_p", "0"], "--top_p in (0, 1]"),
+    (["--model", "x", "--top_k", "0"], "argument --top_k: must be at least 1"),
+    (["--model", "x", "--top_p", "0"], "argument --top_p: must be in (0, 1]"),
 ])
 def test_bad_sampling_flags(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -62,3 +67,41 @@ def test_a_prompt_longer_than_the_context_keeps_its_end(toy_models, tmp_path):
                  "--device", "cpu", "--results_dir", str(tmp_path), "--name", "long"])
     rows = json.loads((tmp_path / "long.json").read_text())["samples"]["sft"]
     assert len(rows) == 2 and all(r["tokens"] >= 1 for r in rows)
+
+
+def test_sample_checks_its_output_and_inputs_before_sampling(toy_models, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    line = refused(lambda: sample.main(["--model", toy_models['sft'], "--prompt", "hi", "--results_dir", str(a_file),
+                                        "--device", "cpu"]), capsys)
+    assert "cannot write" in line
+    latin = tmp_path / "prompts.txt"
+    latin.write_bytes("caf\xe9 ol\xe9".encode("latin-1"))
+    line = refused(lambda: sample.main(["--model", toy_models['sft'], "--prompts_file", str(latin), "--results_dir",
+                                        str(tmp_path), "--device", "cpu"]), capsys)
+    assert "is not UTF-8 text" in line
+    line = refused(lambda: sample.main(["--model", toy_models['sft'], "--prompt", "hi", "--max_new_tokens", "64",
+                                        "--results_dir", str(tmp_path), "--device", "cpu"]), capsys)
+    assert "--max_new_tokens 64 leaves no room for a prompt in a context of 64 tokens" in line
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "prompts.txt"]  # nothing half-written
+
+
+def test_sample_crops_a_long_prompt_with_a_notice(toy_models, tmp_path, capsys):
+    sample.main(["--model", toy_models['sft'], "--prompt", "word " * 100, "--max_new_tokens", "8", "--device", "cpu",
+                 "--results_dir", str(tmp_path), "--name", "long"])
+    assert "1 of 1 prompts are longer than the 56 tokens" in capsys.readouterr().out
+    record = json.loads((tmp_path / "long.json").read_text())
+    assert record["samples"]["sft"][0]["tokens"] >= 1
+
+
+def test_results_are_strict_json(toy_models, tmp_path):
+    # one prompt: the standard errors are nan (no estimate from one sample); the files must say null, not NaN
+    sample.main(["--model", toy_models["sft"], "--prompt", "hi", "--max_new_tokens", "4", "--device", "cpu",
+                 "--results_dir", str(tmp_path), "--name", "one"])
+    text = (tmp_path / "one.json").read_text()
+    record = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert record["summary"]["sft"]["kl_se"] is None
+    for line in (tmp_path / "one.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the JSONL"))
+    assert strict({"a": [1.0, math.inf, {"b": math.nan}]}) == {"a": [1.0, None, {"b": None}]}
+    assert table({"m": {"kl": 0.5, "kl_se": math.nan}}) == "| model | kl |\n|---|---|\n| m | 0.500 |"

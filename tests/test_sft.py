@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import sft
-from conftest import HH_TEST, ROOT, TINY, read_log, run_script
+from conftest import HH_TEST, TINY, read_log, run_script
 from data import collate, sft_examples, toy_pairs, tokenize_pairs
+from machinery.checkpoints import load_checkpoint, open_model
 from model import GPT, GPTConfig, IGNORE_INDEX
-from runs import load_checkpoint
 
 
 def _grads(model):
@@ -77,7 +77,7 @@ def test_sft_end_to_end_on_real_hh_pairs(tmp_path):
                         "--n_embd", "32", "--eval_batches", "2", "--device", "cpu", "--out_dir", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "kept 486 pairs" in result.stdout
-    model = GPT.from_pretrained(str(tmp_path))
+    model = open_model(str(tmp_path))
     assert model.config.n_layer == 1 and model.config.n_embd == 32
     assert load_checkpoint(tmp_path / "ckpt.pt")["iter"] == 2
 
@@ -100,9 +100,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    command = [sys.executable, os.path.join(ROOT, "sft.py"), "--demo", "--max_iters", "100000",
-               "--eval_interval", "0", "--out_dir", str(tmp_path)] + TINY
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, os.path.join(os.path.dirname(sft.__file__), "sft.py"), "--demo", "--max_iters",
+               "100000", "--eval_interval", "0", "--out_dir", str(tmp_path)] + TINY
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "log.jsonl"
     deadline = time.time() + 120
     while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
@@ -117,14 +117,14 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--init", "no/such/model"], "unknown model 'no/such/model'"),
+    (["--init", "no/such/model"], "no model at --init no/such/model"),
     (["--data", "no/such/file.jsonl"], "data file no/such/file.jsonl does not exist"),
-    (["--grad_accum", "0"], "--grad_accum must be at least 1"),
+    (["--grad_accum", "0"], "--grad_accum: must be at least 1"),
     (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
 ])
-def test_bad_input_is_one_line_and_a_non_zero_exit(flags, message, capsys):
+def test_bad_input_is_one_line_and_a_non_zero_exit(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        sft.main(["--demo", "--max_iters", "1"] + TINY + flags)
+        sft.main(["--demo", "--max_iters", "1", "--out_dir", str(tmp_path / "x")] + TINY + flags)
     code, stderr = exit_info.value.code, capsys.readouterr().err
     shown = stderr + (code if isinstance(code, str) else "")
     assert code not in (0, None)
@@ -141,7 +141,7 @@ def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
 
 
 def test_a_resumed_log_drops_the_records_after_the_checkpoint(tmp_path):
-    from runs import RunLog
+    from machinery.runlog import RunLog
     log = RunLog(tmp_path)
     for step in range(1, 6):
         log({"iter": step, "split": "train", "loss": 1.0})
@@ -150,10 +150,10 @@ def test_a_resumed_log_drops_the_records_after_the_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--eval_batches", "0"], "--eval_batches must be at least 1"),
+    (["--eval_batches", "0"], "--eval_batches: must be at least 1"),
     (["--init", "scratch", "--n_embd", "30", "--n_head", "4"], "must be a multiple of --n_head"),
 ])
 def test_more_bad_flags(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        sft.main(["--demo", "--max_iters", "1", "--device", "cpu"] + flags)
+        sft.main(["--demo", "--max_iters", "1", "--device", "cpu", "--out_dir", "x"] + flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

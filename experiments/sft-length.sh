@@ -5,8 +5,8 @@
 # both sampled on all 200 held-out toy prompts. Seeds change the SFT and DPO runs (init and batch
 # order); sample.py's seed stays the same, so every model answers the same prompts with the same seeds.
 #
-#   bash results/sft-length.sh                          # the runs below -> results/sft-length.{json,md,png}
-#   RUNS="both 600 1" bash results/sft-length.sh        # another run (runs already done are skipped)
+#   bash experiments/sft-length.sh                          # the runs below -> results/sft-length.{json,md,png}
+#   RUNS="both 600 1" bash experiments/sft-length.sh        # another run (runs already done are skipped)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=out/sft-length
@@ -29,6 +29,6 @@ done
 
 # per run and across seeds -> results/sft-length.json and .md; then the figure
 [ -n "${NO_SUMMARY:-}" ] && exit 0
-python results/sft-length.py $OUT
+python -m experiments.sft_length $OUT
 python plot.py sft-length results/sft-length.json --out results/sft-length.png \
   --title "SFT length vs what DPO gains (toy task; DPO: beta 0.1, lr 2e-5, 80 steps)"

@@ -1,6 +1,6 @@
 """Error bars for sample tables: mean +- standard error over samples, from sample.py's JSON files.
 
-    python results/error-bars.py results/demo.json results/beta-sweep.json results/beta-frontier.json \
+    python -m experiments.error_bars results/demo.json results/beta-sweep.json results/beta-frontier.json \
         > results/error-bars.md
 
 Every model in one file got the same prompts and, per prompt, the same sampling seed, so two models'
@@ -11,8 +11,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from plot import mean_and_sem  # noqa: E402  (one definition of the standard error for all results)
+from machinery.results import mean_and_sem
 
 
 def fmt(mean, sem):
@@ -29,7 +28,7 @@ def paired(rewards, baseline):
 
 def main(paths):
     print("# Oracle reward and KL: mean ± standard error over samples\n")
-    print(f"`python results/error-bars.py {' '.join(paths)}`\n")
+    print(f"`python -m experiments.error_bars {' '.join(paths)}`\n")
     print("Mean ± one standard error over the samples (one completion per held-out prompt). Paired")
     print("differences are computed per prompt (same prompt and sampling seed), against the first row")
     print("(the reference model) and against the previous row (for labels FAMILY@STEP: the same family's")

@@ -4,7 +4,7 @@
 # steps), which shows where the held-out loss flattens: at the floor the data's randomness sets (5
 # openers x 5 closers per reply, x 2 tones for target both), with no over-fitting by step 1,050.
 #
-#   bash results/sft-curves.sh   # -> results/sft-curves.png
+#   bash experiments/sft-curves.sh   # -> results/sft-curves.png
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f out/demo/sft/ckpt.pt ] || python sft.py --demo --eval_interval 20 --out_dir out/demo/sft

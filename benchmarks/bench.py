@@ -1,5 +1,4 @@
-"""Throughput of one SFT step and one DPO step: median time, tokens/s, MFU and peak memory; and the
-computed memory of a DPO step for each GPT-2 size (--memory_table).
+"""Throughput of one SFT step and one DPO step: median time, tokens/s, MFU and peak memory.
 
 Random weights of a GPT-2 shape and random tokens, so nothing is downloaded. Every synthetic pair has a
 prompt and two responses of --response_frac x --seq_len tokens each, so each of its two sequences (prompt +
@@ -17,11 +16,12 @@ repeated, and a response does not see the other one), so its MFU counts only tha
 costs the forward third (2 N, 4 L C, 2 C V). Not counted, because the model does not need them: the
 recomputed head in backward (model.LabelLogProbs), the recomputed blocks of --grad_checkpoint.
 
-    python bench.py                                     # gpt2 shapes, default device and dtype
-    python bench.py --model gpt2-medium --dtype bfloat16 --compile
-    python bench.py --share_prompt --only dpo           # the DPO step on packed rows
-    python bench.py --n_layer 6 --n_head 6 --n_embd 384 --batch_size 4 --seq_len 256 --device cpu
-    python bench.py --memory_table                      # computed peak memory, gpt2 to gpt2-xl
+    python -m benchmarks.bench                          # gpt2 shapes, default device and dtype
+    python -m benchmarks.bench --model gpt2-medium --dtype bfloat16 --compile
+    python -m benchmarks.bench --share_prompt --only dpo  # the DPO step on packed rows
+    python -m benchmarks.bench --n_layer 6 --n_head 6 --n_embd 384 --batch_size 4 --seq_len 256 --device cpu
+
+The computed memory of a DPO step for every GPT-2 size is benchmarks/memory.py's.
 """
 import json
 import math
@@ -33,9 +33,11 @@ import torch
 
 import dpo
 import sft
-from data import collate, dpo_batch, example, packed_dpo_batch
-from model import GPT, GPT2_SIZES, IGNORE_INDEX, GPTConfig, LabelLogProbs
-from runs import ArgumentParser, HelpFormatter, compute_init, make_optimizer, optimizer_step, user_errors
+from data import collate, dpo_batch, inputs_and_labels
+from machinery.cli import ArgumentParser, HelpFormatter, description, user_errors
+from machinery.compute import init_compute, make_optimizer, optimizer_step
+from machinery.fast import packed_dpo_batch
+from model import GPT, GPT2_SIZES, IGNORE_INDEX, GPTConfig
 
 # dense peak TFLOP/s by GPU name and dtype (vendor datasheets; SXM parts); TF32 stands in for fp32
 PEAK_TFLOPS = {"H100": {"bfloat16": 989, "float16": 989, "float32": 494},
@@ -44,7 +46,7 @@ PEAK_TFLOPS = {"H100": {"bfloat16": 989, "float16": 989, "float32": 494},
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="python -m benchmarks.bench", description=description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--model", default="gpt2", choices=list(GPT2_SIZES), help="shape (weights are random)")
     p.add_argument("--n_layer", type=int, help="override the shape's layers (default: --model's)")
     p.add_argument("--n_head", type=int, help="override the shape's heads (default: --model's)")
@@ -65,8 +67,6 @@ def parse_args(argv=None):
     p.add_argument("--peak_tflops", type=float, help="the device's peak (default: a datasheet value for known "
                    "GPUs, a measured matmul on a CPU)")
     p.add_argument("--json", help="also write the results to this file (default: none)")
-    p.add_argument("--memory_table", action="store_true", help="print the computed peak memory of a DPO step "
-                   "(--batch_size pairs x --seq_len, bf16) for every GPT-2 size, then exit; measures nothing")
     args = p.parse_args(argv)
     if min(args.batch_size, args.seq_len, args.steps) < 1 or args.warmup < 0:
         p.error("--batch_size, --seq_len and --steps must be at least 1, --warmup not negative")
@@ -102,14 +102,14 @@ def causal_pairs(queries, keys_before=0):
     return queries * keys_before + queries * (queries + 1) // 2
 
 
-def work(pairs, layout):
+def counted_work(pairs, layout):
     """(tokens through the blocks, attended (query, key) pairs, labelled tokens through the head) of the
     tokenized pairs in one of three layouts: "sft" (prompt + chosen), "stacked" (dpo_batch) or "packed"
     (packed_dpo_batch). Padding is not counted: it is not work the model needs."""
     tokens = attended = labelled = 0
     for pair in pairs:
         p, c, r = len(pair["prompt"]), len(pair["chosen"]), len(pair["rejected"])
-        if layout == "sft":  # example(): prompt + response without its last token
+        if layout == "sft":  # inputs_and_labels(): prompt + response without its last token
             rows = [p + c - 1]
             labelled += c
         elif layout == "stacked":
@@ -138,7 +138,7 @@ def pass_flops(config, tokens, attended, labelled, train=True):
 # The measured steps
 
 def synthetic_pairs(n_pairs, seq_len, response_frac, vocab_size, seed=0):
-    """Tokenized pairs of random ids, each sequence (prompt + response, less one: example()) seq_len long."""
+    """Tokenized pairs of random ids, each sequence (prompt + response, less one: inputs_and_labels()) seq_len long."""
     generator = torch.Generator().manual_seed(seed)
     response = round(seq_len * response_frac)
     prompt = seq_len - response + 1
@@ -175,7 +175,7 @@ def model_config(args):
 
 def run(args):
     """Measure, print the table, and return what was measured as a dict (written by --json)."""
-    compute = compute_init(args)
+    compute = init_compute(args)
     device, dtype = compute.device, compute.dtype
     config = model_config(args)
     shape = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
@@ -200,7 +200,7 @@ def run(args):
         optimizer_step(policy, optimizer, scaler, grad_clip=1.0)
 
     pairs = synthetic_pairs(args.batch_size, args.seq_len, args.response_frac, config.vocab_size)
-    sft_ids, sft_labels = (t.to(device) for t in collate([example(p["prompt"], p["chosen"]) for p in pairs]))
+    sft_ids, sft_labels = (t.to(device) for t in collate([inputs_and_labels(p["prompt"], p["chosen"]) for p in pairs]))
     layout = "packed" if args.share_prompt else "stacked"
     dpo_rows = [t.to(device) for t in (packed_dpo_batch(pairs) if args.share_prompt else dpo_batch(pairs))]
     ref_logps = torch.zeros(args.batch_size, 2) if args.precompute_ref else None  # (pairs, chosen/rejected)
@@ -213,16 +213,16 @@ def run(args):
     def dpo_step():
         with ctx:
             chosen, rejected = dpo.pair_logps(policy, dpo_rows)
-            ref_chosen, ref_rejected = dpo.reference_pair_logps(reference, dpo_rows, ref_logps)
+            ref_chosen, ref_rejected = dpo.reference_logps(reference, dpo_rows, ref_logps, slice(None))
         update(dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)[0].mean())
 
     steps = []
-    sequence_tokens = work(pairs, "stacked")[0]  # both sequences of every pair, as stacked
+    sequence_tokens = counted_work(pairs, "stacked")[0]  # both sequences of every pair, as stacked
     if args.only != "dpo":
-        counts = work(pairs, "sft")
+        counts = counted_work(pairs, "sft")
         steps.append(("sft", counts, pass_flops(config, *counts), *measure(sft_step, args, device)))
     if args.only != "sft":
-        counts = work(pairs, layout)
+        counts = counted_work(pairs, layout)
         flops = pass_flops(config, *counts)
         if not args.precompute_ref:
             reference = dpo.freeze(new_model(), device, dtype)
@@ -257,151 +257,10 @@ def run(args):
     return result
 
 
-# ----------------------------------------------------------------------------------------------------
-# Memory of a DPO step, computed: bf16 autocast on a GPU, every term counted from the shapes
-
-CARDS_GIB = (24, 40, 80)
-USABLE = 0.9  # of a card's memory: the CUDA context, cuBLAS workspaces and allocator fragmentation take the rest
-
-
-def parameter_count(config):
-    """All weights, the tied head counted once (124,439,808 for gpt2)."""
-    C = config.n_embd
-    per_block = 12 * C * C + 13 * C  # c_attn 3C^2 + 3C, c_proj C^2 + C, c_fc 4C^2 + 4C, c_proj 4C^2 + C, 2 LayerNorms 4C
-    return config.vocab_size * C + config.block_size * C + config.n_layer * per_block + 2 * C  # + ln_f
-
-
-def block_bytes_per_token(config, matmul_bytes=2, grad_checkpoint=False):
-    """Bytes one block keeps for backward per token. matmul_bytes: 2 under bf16/fp16 autocast (the
-    matmuls' inputs are kept in that precision), 4 in fp32; the residual stream and LayerNorms stay fp32."""
-    C, fp32 = config.n_embd, 4
-    if grad_checkpoint:
-        return fp32 * C  # the block's input: the rest is recomputed in backward
-    return (2 * fp32 * C             # ln_1 and ln_2 inputs (the residual stream)
-            + 14 * matmul_bytes * C  # c_attn input, q k v (3C), attention output = c_proj input (one tensor),
-                                     # c_fc input, GELU input (4C), MLP c_proj input (4C)
-            + 2 * 2 * fp32           # each LayerNorm's mean and 1/std
-            + config.n_head * fp32)  # attention's log-sum-exp, per head
-
-
-def activation_bytes(config, rows, seq_len, labelled, matmul_bytes=2, grad_checkpoint=False):
-    """Bytes the policy's forward keeps for backward on `rows` x `seq_len` tokens (stacked rows), of which
-    `labelled` go through the head. Autocast's bf16 copies of the weights are not in here (memory_terms
-    has them)."""
-    tokens, fp32, index = rows * seq_len, 4, 8
-    blocks = config.n_layer * block_bytes_per_token(config, matmul_bytes, grad_checkpoint) * tokens
-    outside = (index + fp32 * config.n_embd + 2 * fp32 + 1) * tokens  # token ids, ln_f input, mean, 1/std, label mask
-    positions = index * seq_len
-    head = (fp32 * config.n_embd + index + fp32) * labelled  # LabelLogProbs: hidden state, target, log-sum-exp
-    return blocks + outside + positions + head
-
-
-def saved_activation_bytes(model, batch, autocast):
-    """Measured: bytes of the distinct storages autograd keeps for backward in one forward pass with
-    labels, the weights themselves excluded (their autocast copies included). Checks activation_bytes."""
-    storages = {}
-
-    def keep(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast:
-        model(*batch).sum()
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(size for pointer, size in storages.items() if pointer not in weights)
-
-
-def head_scratch_bytes(config, chunk_rows, matmul_bytes=2):
-    """(forward, backward): the most model.LabelLogProbs holds at once beyond its saved tensors, for chunks
-    of chunk_rows rows. Forward: the fp32 logits and logsumexp's exp(logits - max), both (rows, V).
-    Backward: the head's fp32 gradient accumulator (V, C), then either the fp32 chunk gradient and its
-    matmul-precision copy, or that copy with the (V, C) weight-gradient product and its fp32 copy. Under
-    bf16 the head's weights are cast once more (w); in fp32 none of the copies exist."""
-    V, C = config.vocab_size, config.n_embd
-    cast = matmul_bytes < 4
-    w = matmul_bytes * V * C if cast else 0
-    forward = w + 8 * chunk_rows * V
-    backward = w + 4 * V * C + max(4 * chunk_rows * V + cast * matmul_bytes * chunk_rows * V,
-                                   matmul_bytes * chunk_rows * V + matmul_bytes * V * C + cast * 4 * V * C)
-    return forward, backward
-
-
-def memory_terms(config, batch_pairs, seq_len, response_frac, reference=True, grad_checkpoint=False,
-                 matmul_bytes=2, fused_optimizer=True, chunk_budget=LabelLogProbs.BUDGET["cuda"]):
-    """The terms of a stacked DPO step's memory (bytes) and its peak, the largest of four moments: the
-    end of the forward passes (the reference's head last), the start of backward (the policy's head
-    first), the end of backward, and the optimizer step. matmul_bytes 2: bf16 autocast, the reference
-    cast to bf16 (dpo.freeze on a GPU); 4: fp32 throughout. fused_optimizer: AdamW(fused=True), as
-    runs.make_optimizer on a GPU; without it torch's AdamW makes temporaries the size of a weight."""
-    P = parameter_count(config)
-    C, V = config.n_embd, config.vocab_size
-    rows, tokens = 2 * batch_pairs, 2 * batch_pairs * seq_len
-    labelled = rows * round(seq_len * response_frac)
-    chunk_rows = min(labelled, max(1, chunk_budget // (4 * V)))
-    one_block = block_bytes_per_token(config, matmul_bytes) * tokens
-    head_forward, head_backward = head_scratch_bytes(config, chunk_rows, matmul_bytes)
-    terms = {
-        "weights and AdamW moments": 4 * P + 8 * P,  # fp32 master weights, exp_avg, exp_avg_sq
-        "reference": matmul_bytes * P if reference else 0,
-        # autocast's bf16 casts of the blocks' matmul weights: cached until the forward passes end, and kept
-        # for backward by the matmuls, unless --grad_checkpoint recomputes (and recasts) them there
-        "bf16 weight copies": 2 * 12 * config.n_layer * C * C if matmul_bytes < 4 else 0,
-        "activations": activation_bytes(config, rows, seq_len, labelled, matmul_bytes, grad_checkpoint),
-        "head scratch, forward": head_forward,
-        "head scratch, backward": head_backward,
-        "gradients": 4 * P,  # fp32; all of them exist only at the end of backward
-        # the larger of: the token embedding's gradient from the lookup (V, C), beside the head's until the
-        # two are summed; the first block's activations (kept or recomputed) and the MLP's two (tokens, 4C)
-        # gradients
-        "end of backward": max(4 * V * C + 4 * C * tokens, one_block + 2 * 4 * C * matmul_bytes * tokens),
-        "optimizer scratch": 0 if fused_optimizer else 2 * 4 * V * C,  # sqrt and division of the largest weight
-    }
-    resting = terms["weights and AdamW moments"] + terms["reference"]
-    kept = terms["activations"] + (0 if grad_checkpoint else terms["bf16 weight copies"])
-    moments = {
-        "end of forward": resting + terms["bf16 weight copies"] + terms["activations"] + head_forward,
-        "start of backward": resting + kept + head_backward,
-        "end of backward": resting + terms["gradients"] + terms["end of backward"],
-        "optimizer step": resting + terms["gradients"] + terms["optimizer scratch"],
-    }
-    return terms, max(moments.values())
-
-
-MEMORY_MODES = (("reference live", True, False), ("--precompute_ref", False, False),
-                ("--grad_checkpoint", True, True), ("--grad_checkpoint --precompute_ref", False, True))
-
-
-def memory_table(batch_pairs=8, seq_len=512, response_frac=0.5):
-    """Rows (size, mode, peak GiB, cards it fits) for every GPT-2 size and memory mode."""
-    rows = []
-    for name, shape in GPT2_SIZES.items():
-        config = GPTConfig(**shape)
-        for mode, reference, grad_checkpoint in MEMORY_MODES:
-            _, peak = memory_terms(config, batch_pairs, seq_len, response_frac, reference, grad_checkpoint)
-            gib = peak / 2**30
-            fits = [card for card in CARDS_GIB if gib <= USABLE * card]
-            rows.append({"model": name, "mode": mode, "peak_gib": gib, "fits": fits})
-    return rows
-
-
-def print_memory_table(args):
-    print(f"DPO step, {args.batch_size} pairs x {args.seq_len} tokens (stacked rows, {args.response_frac:.0%} "
-          f"response), bf16 autocast, AdamW; computed, not measured; a card fits at <= {USABLE:.0%} of its memory")
-    print("| model | mode | peak (GiB) | " + " | ".join(f"{card} GB" for card in CARDS_GIB) + " |")
-    print("|---|---|---:|" + ":---:|" * len(CARDS_GIB))
-    for row in memory_table(args.batch_size, args.seq_len, args.response_frac):
-        marks = " | ".join("yes" if card in row["fits"] else "no" for card in CARDS_GIB)
-        print(f"| {row['model']} | {row['mode']} | {row['peak_gib']:.1f} computed | {marks} |")
-
-
 def main(argv=None):
     args = parse_args(argv)
     with user_errors():
-        if args.memory_table:
-            print_memory_table(args)
-        else:
-            run(args)
+        run(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Collect the SFT-length runs (results/sft-length.sh) into results/sft-length.json and .md.
+"""Collect the SFT-length runs (experiments/sft-length.sh) into results/sft-length.json and .md.
 
-    python results/sft-length.py out/sft-length
+    python -m experiments.sft_length out/sft-length
 
 Each run directory TARGET-LENGTH-seedS holds sft/log.jsonl, dpo/log.jsonl and samples.json (sample.py).
 Per run: the SFT test loss, both models' oracle reward and the gain (standard errors over the 200
@@ -13,8 +13,8 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from plot import mean_and_sem, read_log, series  # noqa: E402
+from machinery.results import mean_and_sem
+from plot import read_log, series
 
 RUN_NAME = re.compile(r"(?P<target>\w+)-(?P<n>\d+)-seed(?P<seed>\d+)$")
 
@@ -97,11 +97,11 @@ SFT model (beta 0.1, lr 2e-5, 80 steps, batch 16) with the same seed as its SFT;
 sampled on all 200 held-out prompts (one completion each, temperature 1, sample.py's seed 1337).
 
 ```
-bash results/sft-length.sh      # per target, length and seed:
+bash experiments/sft-length.sh      # per target, length and seed:
 python sft.py --demo --target TARGET --max_iters N --lr_decay_iters N --eval_interval 0 --seed S --out_dir {out_dir}/TARGET-N-seedS/sft
 python dpo.py --demo --beta 0.1 --lr 2e-5 --max_iters 80 --init {out_dir}/TARGET-N-seedS/sft --seed S --out_dir {out_dir}/TARGET-N-seedS/dpo
 python sample.py --demo --model sft=.../sft --model dpo=.../dpo --num_prompts 200 --show 0 --name samples --results_dir {out_dir}/TARGET-N-seedS
-python results/sft-length.py {out_dir}   # -> results/sft-length.json (per seed) and this table
+python -m experiments.sft_length {out_dir}   # -> results/sft-length.json (per seed) and this table
 python plot.py sft-length results/sft-length.json --out results/sft-length.png
 ```
 
@@ -130,7 +130,7 @@ def main(out_dir):
         if match and os.path.exists(os.path.join(out_dir, name, "samples.json")):
             runs.append(collect(os.path.join(out_dir, name), match["target"], int(match["n"]), int(match["seed"])))
     with open("results/sft-length.json", "w") as f:
-        json.dump({"source": "bash results/sft-length.sh; python results/sft-length.py " + out_dir, "runs": runs}, f, indent=1)
+        json.dump({"source": "bash experiments/sft-length.sh; python -m experiments.sft_length " + out_dir, "runs": runs}, f, indent=1)
     write_markdown(runs, out_dir)
     print(table(runs))
     print(f"\n{len(runs)} runs -> results/sft-length.json, results/sft-length.md")

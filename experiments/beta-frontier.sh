@@ -5,7 +5,7 @@
 # --max_iters continues the same run exactly: DPO's lr is constant after warmup), so the four points
 # of a family lie on one training run. Its logs (--eval_interval 10) also give results/dpo-lr-curves.png.
 #
-#   bash results/beta-frontier.sh        # from the repository root or anywhere; writes results/beta-frontier.*
+#   bash experiments/beta-frontier.sh        # from the repository root or anywhere; writes results/beta-frontier.*
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SFT=out/demo/sft                 # the demo SFT model (python sft.py --demo)
@@ -43,7 +43,7 @@ PY
 python plot.py frontier results/beta-frontier.json --out results/beta-frontier.png \
   --title "DPO from the demo SFT model, toy task: 5 betas at lr 1e-4 and beta 0.1 at lr 2e-5, 80 steps"
 {
-  echo "# The beta frontier (toy task): \`bash results/beta-frontier.sh\`"
+  echo "# The beta frontier (toy task): \`bash experiments/beta-frontier.sh\`"
   echo
   echo "DPO from the demo SFT model (\`python sft.py --demo\`), 80 steps, checkpoints copied at $STEPS:"
   echo "\`python dpo.py --demo --beta BETA --lr 1e-4 --eval_interval 10\` for beta 0.05, 0.1, 0.25, 0.5, 1.0, and"
@@ -51,7 +51,7 @@ python plot.py frontier results/beta-frontier.json --out results/beta-frontier.p
   echo "Sampled with \`python sample.py --demo --model sft=out/demo/sft --model LABEL=DIR ... --num_prompts 200\`:"
   echo "one completion per held-out prompt, reference = the SFT model. Figure: results/beta-frontier.png."
   echo
-  python results/error-bars.py results/beta-frontier.json | tail -n +2
+  python -m experiments.error_bars results/beta-frontier.json | tail -n +2
 } > results/beta-frontier.md
 python plot.py curves "lr 2e-5 (demo)=$OUT/beta0.1-lr2e-5/run" "lr 1e-4=$OUT/beta0.1-lr1e-4/run" \
   --out results/dpo-lr-curves.png --title "DPO on the toy task, beta 0.1: healthy (lr 2e-5) vs runaway (lr 1e-4)"

@@ -1,0 +1,126 @@
+"""Run: the one object a training loop talks to, so that the loop itself can hold only the method.
+
+    with Run(args, "dpo", EXPERIMENT) as run:                 # one-line errors, device, out_dir lock, signals
+        start = run.start(model, optimizer, held_out, data=train_pairs)   # --resume, health, log.jsonl
+        for step in run.steps(start):                         # range(start, max_iters), but Ctrl-C/SIGTERM
+            if run.eval_due(step):                            #   end it after a whole step
+                run.checkpoint(step, evaluate)                # evaluate, log, check health, then save
+            ...                                               # the training step: the method
+            run.log({"iter": step + 1, "loss": ...})          # log the step, stop on a non-finite loss
+        run.finish(evaluate)                                  # the last checkpoint, evaluated first
+
+Nothing broken is saved, by construction: every save, the final one and the one after a signal included,
+comes after an evaluation of those very weights and a health check (runlog.Health) that they pass.
+"""
+import contextlib
+
+from data import batch_indices
+from machinery import UserError
+from machinery.checkpoints import (OutDir, check_fingerprints, check_models, data_fingerprint, model_fingerprint,
+                                   resume)
+from machinery.cli import Interrupted, user_errors
+from machinery.compute import init_compute
+from machinery.runlog import Health, RunLog, StopSignals, check_training_loss, eval_due
+
+
+class Run:
+    """A training run of `stage` ("sft", "dpo", ...) into args.out_dir. experiment: the script's own flags
+    that define the experiment (--resume refuses a change); models: {flag: value} of the models it starts
+    from or compares with (checked before anything is written); watch: called with (step, metrics) after
+    each evaluation (dpo.py's runaway warning)."""
+
+    def __init__(self, args, stage, experiment=(), models=None, watch=None):
+        self.args, self.stage, self.experiment, self.watch = args, stage, experiment, watch
+        self.models = models if models is not None else {"--init": args.init}
+
+    def __enter__(self):
+        with contextlib.ExitStack() as stack:  # if any part refuses, the parts already entered are left again
+            stack.enter_context(user_errors())
+            self.signals = stack.enter_context(StopSignals())  # first: a SIGTERM from here on is one line
+            check_models(self.models, self.args.out_dir, self.args.demo)
+            self.compute = stack.enter_context(init_compute(self.args))
+            self.signals.compute = self.compute
+            self.out = stack.enter_context(OutDir(self.args, self.stage, self.compute, self.experiment))
+            self.stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)
+
+    def start(self, model, optimizer, held_out, data=None, examples=None, reference=None):
+        """Check that --batch_size fits the training examples (their number); resume (with --resume) after
+        checking that the data (tokenized training pairs) and the reference ((path, model)) are what the
+        run started with; set up the health check on held_out, a batch of (input_ids, labels); open
+        log.jsonl. Returns the step to start from. The run's first write."""
+        if examples is not None:
+            batch_indices(examples, self.args.batch_size, 0, self.args.seed)  # refuses a batch larger than them
+        self.model, self.optimizer = model, optimizer
+        self.fingerprints = {}
+        if data is not None:
+            self.fingerprints["data"] = data_fingerprint(data)
+        if reference is not None:
+            self.fingerprints["reference"] = model_fingerprint(*reference)
+        start = 0
+        if self.args.resume:
+            check_fingerprints(self.out.checkpoint.get("fingerprints", {}), self.fingerprints, self.args.data)
+            start = resume(self.out, model, optimizer, self.compute.scaler)
+        self.start_step = start
+        self.health = Health(held_out, self.compute, model)
+        if self.compute.master:
+            self.out.begin()
+        self.log_file = RunLog(self.args.out_dir, start, write=self.compute.master)
+        if self.compute.world_size > 1:
+            per_process = self.args.grad_accum // self.compute.world_size
+            print(f"torchrun: {self.compute.world_size} processes, {per_process} micro-batches each per step")
+        return start
+
+    def steps(self, start):
+        """range(start, args.max_iters), except that Ctrl-C or SIGTERM ends it after the step in progress."""
+        self.signals.catch()
+        self.step = start
+        while self.step < self.args.max_iters:
+            yield self.step
+            self.step += 1
+            if self.signals.requested():
+                return
+
+    def eval_due(self, step):
+        return eval_due(step, self.start_step, self.args.eval_interval)
+
+    def log(self, record):
+        """Log a training step ({"iter": ..., "loss": ..., ...}); a non-finite loss stops the run."""
+        check_training_loss(record["loss"], record["iter"], self.compute.dtype, self.out.last_saved())
+        self.log_file({"iter": record["iter"], "split": "train", **{k: v for k, v in record.items() if k != "iter"}})
+
+    def checkpoint(self, step, evaluate):
+        """Evaluate the model as it is at `step` (evaluate() -> {metric: value}), log that, check its health,
+        and only then save it. If evaluate itself crashes, the weights are saved if the health check's own
+        forward pass finds them healthy, and the crash goes on."""
+        try:
+            metrics = evaluate()
+        except (UserError, Interrupted, KeyboardInterrupt):
+            raise
+        except Exception:
+            print(f"the evaluation at step {step} failed; checking the weights on one held-out micro-batch "
+                  "before saving them", flush=True)
+            self.health.check(self.model, step, {}, self.out.last_saved())
+            self._save(step)
+            raise
+        self.log_file({"iter": step, "split": "test", **metrics})
+        if self.watch is not None:
+            self.watch(step, metrics)
+        self.health.check(self.model, step, metrics, self.out.last_saved())
+        self._save(step)
+
+    def _save(self, step):
+        self.out.note = self.watch.note() if hasattr(self.watch, "note") else ""
+        self.out.save(step, self.model, self.optimizer, self.compute.scaler, self.fingerprints)
+
+    def finish(self, evaluate):
+        """After the loop: the last steps' checkpoint, evaluated, checked and saved. True if the run is
+        complete, False if a signal stopped it early (which it says)."""
+        self.checkpoint(self.step, evaluate)
+        if self.step < self.args.max_iters:
+            print(f"stopping early at step {self.step}: saved; continue with --resume", flush=True)
+            return False
+        return True
