@@ -1,15 +1,10 @@
 """Preference data: pairs of replies to one prompt, the tokens they become, and which tokens are trained on.
 
 Most DPO bugs are data bugs (a wrong prompt/response boundary, an EOS never trained, padding counted as
-response, truncation cutting the wrong end), so every step here is explicit and tested:
-
-    source -> load_preferences   -> [{"prompt", "chosen", "rejected"}] (text)
-           -> tokenize_pairs     -> token ids: EOS appended to each response, truncated to fit
-           -> sft_examples + collate / dpo_batch
-                                 -> input_ids, and labels shifted by one, IGNORE_INDEX on prompt and padding
-
-Sources: `toy` (below: a task with a known reward, no download), or Anthropic's HH-RLHF and any other
-file or hub dataset, which machinery/formats.py reads (python data.py --inspect --data toy shows one).
+response, truncation cutting the wrong end), so every step is explicit and tested: load_preferences (text)
+-> tokenize_pairs (token ids, EOS appended, truncated) -> sft_examples and collate, or dpo_batch (input_ids,
+and labels shifted by one, IGNORE_INDEX on prompt and padding). `python data.py --inspect --data toy` shows
+a source's first pair token by token; every source but `toy` is read by machinery/formats.py.
 """
 import random
 import re
@@ -25,8 +20,7 @@ ASSISTANT = "\n\nAssistant:"
 
 
 def get_tokenizer():
-    """GPT-2's BPE (byte-pair encoding) through tiktoken. It downloads two files on first use; offline, point
-    TIKTOKEN_CACHE_DIR at a copy of them."""
+    """GPT-2's BPE (byte-pair encoding) through tiktoken, which downloads two files on first use."""
     import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
@@ -38,18 +32,10 @@ def get_tokenizer():
 def load_preferences(source, split="train", verbose=True, split_name=None):
     """Preference pairs of one split ("train" or "test") as text. split_name: that split's name in the
     source when it differs (e.g. "train_prefs")."""
-    if source == "toy":
-        if split_name not in (None, split):
-            raise UserError(f"toy has no split {split_name!r}: its splits are train and test")
-        pairs = toy_pairs(split)
-        if verbose:
-            print(f"data: toy [{split}]: kept {len(pairs)} pairs, dropped 0 (none); format: toy")
-    else:
-        from machinery.formats import read_pairs  # every file and record format (it uses split_hh below)
-        pairs = read_pairs(source, split, split_name, verbose)
-    if not pairs:
-        raise UserError(f"{source} [{split_name or split}] has no usable preference pairs")
-    return pairs
+    if source == "toy" and split_name in (None, split):
+        return toy_pairs(split)
+    from machinery.formats import read_pairs  # every other source and record format (it uses split_hh below)
+    return read_pairs(source, split, split_name, verbose)
 
 
 def split_hh(chosen, rejected):
@@ -65,7 +51,6 @@ def split_hh(chosen, rejected):
     return prompt, chosen[len(prompt):], rejected[len(prompt):]
 
 
-# ----------------------------------------------------------------------------------------------------
 # The toy task: polite against rude replies, with an oracle reward
 
 TOY_TASKS = ["bake bread", "fix a bike", "plant tomatoes", "learn chess", "write a poem", "paint a wall",
@@ -110,7 +95,6 @@ def toy_reward(text):
     return (polite - rude) / (polite + rude) if polite + rude else 0.0
 
 
-# ----------------------------------------------------------------------------------------------------
 # Text -> tokens, with truncation
 
 def tokenize_pairs(pairs, max_len=512, max_prompt_len=256, tokenizer=None, verbose=True):
@@ -119,13 +103,11 @@ def tokenize_pairs(pairs, max_len=512, max_prompt_len=256, tokenizer=None, verbo
     Prompt and responses are encoded separately and joined, so the boundary is exact (encoding the
     joined text could merge the prompt's last characters with the response's first into one token).
 
-    Truncation, when prompt + longer response exceeds max_len:
-    1) the prompt keeps its last max_prompt_len tokens (the end of a conversation is what the reply
-       answers), as the authors' code does for HH;
-    2) if the pair still does not fit, both responses keep their first max_len - len(prompt) tokens (and
-       lose their EOS). The authors' code cuts them to max_len - max_prompt_len instead; the two agree
-       when step 1 cut the prompt, but theirs also cuts responses after a short prompt that left room.
-    A pair whose two responses became identical is dropped: there is nothing left to prefer.
+    Truncation, when prompt + longer response exceeds max_len: 1) the prompt keeps its last max_prompt_len
+    tokens (the end of a conversation is what the reply answers), as the authors' code does for HH; 2) if
+    the pair still does not fit, both responses keep their first max_len - len(prompt) tokens (and lose
+    their EOS; the authors' code keeps max_len - max_prompt_len, the same after step 1). A pair whose two
+    responses became identical is dropped: there is nothing left to prefer.
     """
     assert 0 < max_prompt_len < max_len, (max_prompt_len, max_len)
     tokenizer = tokenizer or get_tokenizer()
@@ -163,7 +145,6 @@ def tokenized_splits(source, max_len, max_prompt_len, train_split="train", test_
             for role, name in (("train", train_split), ("test", test_split))]
 
 
-# ----------------------------------------------------------------------------------------------------
 # Tokens -> batches
 
 def inputs_and_labels(prompt, response):

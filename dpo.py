@@ -1,13 +1,10 @@
 """Stage 2: Direct Preference Optimization (Rafailov et al., 2023) against a frozen reference.
 
 RLHF fits a reward model r(x, y) to preference pairs, then maximizes r with PPO under a KL penalty
-beta * KL(pi || pi_ref). That KL-constrained problem has a closed-form optimum,
-
-    pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x),                                       (eq. 4)
-
-so every policy defines the reward it is optimal for: r(x, y) = beta log(pi(y|x) / pi_ref(y|x))
-+ beta log Z(x) (eq. 5). Put that reward into the Bradley-Terry preference model and Z(x) cancels,
-because both responses share the prompt x. What is left is a classification loss on the policy itself:
+beta * KL(pi || pi_ref). That problem's optimum is pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x)
+(eq. 4), so every policy is optimal for the reward r(x, y) = beta log(pi(y|x) / pi_ref(y|x)) + beta log Z(x)
+(eq. 5). Put that reward into the Bradley-Terry model of preferences (eq. 6) and Z(x) cancels, because both
+responses share the prompt x. What is left is a classification loss on the policy itself:
 
     L_DPO = -log sigmoid(beta log(pi(y_w|x) / pi_ref(y_w|x)) - beta log(pi(y_l|x) / pi_ref(y_l|x)))   (eq. 7)
 
@@ -27,7 +24,7 @@ from data import batch_indices, collate, dpo_batch, sft_examples, tokenized_spli
 from machinery import cli
 from machinery.checkpoints import check_same_shape, load_model, stage_of
 from machinery.compute import make_optimizer, optimizer_step, set_lr, wrap
-from machinery.fast import packed_dpo_batch
+from machinery.fast import packed_dpo_batch, precompute
 from machinery.run import Run
 from machinery.runlog import Runaway
 
@@ -43,39 +40,32 @@ EXPERIMENT = ("ref", "swap", "beta", "loss_type", "label_smoothing", "optimizer"
 
 def parse_args(argv=None):
     parser = cli.training_parser(__doc__, DEFAULTS, DEMO)
-    parser.add_argument("--beta", type=cli.positive, help="strength of the KL constraint: small beta lets the "
-                        "policy move far from the reference")
-    parser.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"],
-                        help="sigmoid: DPO's eq. 7; ipo: the squared loss of IPO (Azar et al., 2023)")
+    parser.add_argument("--beta", type=cli.positive, help="the KL constraint: small beta lets the policy move far")
+    parser.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"], help="DPO's eq. 7, or IPO's")
     parser.add_argument("--label_smoothing", type=cli.fraction(0, 0.5), default=0.0,
                         help="conservative DPO: the probability that a preference label is flipped")
     parser.add_argument("--ref", help="the frozen reference (default: --init)")
     parser.add_argument("--optimizer", choices=["rmsprop", "adamw"], help="rmsprop, as in the paper, or adamw")
-    parser.add_argument("--precompute_ref", action="store_true",
-                        help="compute the reference log-probs once before training; keeps one model in memory")
-    parser.add_argument("--share_prompt", action="store_true", help="run each pair as one row, its prompt "
-                        "once (machinery/fast.py): same log-probs, fewer tokens")
-    parser.add_argument("--swap", action="store_true", help="train on rejected responses as if preferred "
-                        "(the \"bad\" model); evaluation still uses the true preferences")
+    parser.add_argument("--precompute_ref", action="store_true", help="score every pair with the reference once, "
+                        "first: one model in memory")
+    parser.add_argument("--share_prompt", action="store_true", help="each pair as one row, its prompt once: same "
+                        "log-probs, fewer tokens")
+    parser.add_argument("--swap", action="store_true", help="prefer the rejected responses: the \"bad\" model")
     args = cli.parse(parser, DEMO, argv)
     if args.label_smoothing and args.loss_type == "ipo":
         parser.error("--label_smoothing applies to the sigmoid loss only, not to --loss_type ipo")
     if args.loss_type == "ipo" and not 1 / (2 * args.beta) < 1e6:  # IPO's target margin, in nats
-        parser.error(f"--beta {args.beta} with --loss_type ipo asks for a margin of 1/(2 beta) = {1 / (2 * args.beta):.3g} nats")
+        parser.error(f"--beta {args.beta} with --loss_type ipo asks for a margin of 1/(2 beta) = "
+                     f"{1 / (2 * args.beta):.3g} nats")
     if args.ref is None and stage_of(args.init) == "dpo":  # a DPO policy is no reference: its SFT model is
         parser.error(f"--init {args.init} is a DPO run: pass --ref too, the SFT model it was trained from")
     args.out_dir = args.out_dir or cli.default_out_dir(parser, args, "dpo-bad" if args.swap else "dpo", ("swap",))
     args.ref = args.ref or args.init
-    if args.demo and args.ref == args.init:
-        args.next = "python sample.py --demo"
-    else:
-        args.next = cli.next_command(parser, args, "sample.py", ("data", "device"),
-                                     [("--model", f"reference={args.ref}"), ("--model", f"dpo={args.out_dir}")])
+    args.next = "python sample.py --demo" if args.demo and args.ref == args.init else cli.next_command(
+        parser, args, "sample.py", [("--model", f"reference={args.ref}"), ("--model", f"dpo={args.out_dir}")],
+        carry=("data", "device"))
     return args
 
-
-# ----------------------------------------------------------------------------------------------------
-# The objective
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              beta, loss_type="sigmoid", label_smoothing=0.0):
@@ -83,16 +73,12 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     # h: how much more the policy prefers y_w over y_l than the reference does, in log space
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     if loss_type == "sigmoid":
-        # eq. 7. With label_smoothing eps > 0 this is conservative DPO (cDPO; Mitchell, 2023, "A note on
-        # DPO with noisy preferences & relationship to IPO", eq. 3), for data where some labels are wrong:
-        # each label counts as flipped with probability eps. The loss still grows linearly in |h|, but its
-        # minimum is at a finite beta h = ln((1 - eps) / eps), so a pair stops pulling once it gets there.
+        # eq. 7. With label_smoothing eps > 0: conservative DPO (cDPO; Mitchell, 2023, eq. 3), each label
+        # flipped with probability eps; the loss then has its minimum at a finite beta h = ln((1 - eps) / eps)
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
-        # IPO (Azar et al., 2023, arXiv:2310.12036, eq. 17 of its v2): when a preference is deterministic
-        # in the data, DPO's optimum pushes h to infinity whatever beta, and the KL term stops holding the
-        # policy back (their sec. 4). IPO regresses h to 1 / (2 tau), tau = beta, instead. h sums log-probs,
-        # as the DPO authors' code does; TRL averages them per token, so the same beta differs there.
+        # IPO (Azar et al., 2023, eq. 17 of its v2): a deterministic preference sends DPO's h to infinity,
+        # whatever beta; IPO regresses h to 1 / (2 beta) instead (h summed over tokens, as the DPO authors')
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
@@ -110,12 +96,10 @@ def reward_accuracy(chosen_rewards, rejected_rewards):
 def pair_logps(model, batch):
     """log pi(y_w|x) and log pi(y_l|x) of each pair, from ONE forward pass over the batch.
 
-    The batch is dpo_batch's 2B rows (chosen rows first), or with --share_prompt packed_dpo_batch's B
-    rows whose labels are (2, B, W), chosen plane first. log pi(y|x) is the *sum* of the response tokens'
-    log-probs, in fp32: the paper's quantity. Averaging over tokens instead (as some libraries do) makes h
-    a difference of per-token means, no longer a log-ratio of sequence probabilities, so the loss is no
-    longer eq. 7; and since a mean is |y| times smaller than a sum, a given beta then acts about |y| times
-    smaller, and by a different factor for each pair when |y_w| differs from |y_l|.
+    The batch is dpo_batch's 2B rows, chosen rows first (or --share_prompt's packed rows, labels (2, B, W)).
+    log pi(y|x) is the *sum* of the response tokens' log-probs, in fp32: the paper's quantity. A mean over
+    tokens instead (as some libraries take) is no log-ratio of sequence probabilities, so the loss is no
+    longer eq. 7; it acts like a beta |y| times smaller, and reweights pairs whose |y_w| and |y_l| differ.
     """
     logps = model(*batch).sum(dim=-1).view(2, -1)  # (2, B): the forward with labels gives log-probs
     return logps[0], logps[1]
@@ -126,14 +110,10 @@ def get_lr(step, args):
     return args.lr * (step + 1) / args.warmup if step < args.warmup else args.lr
 
 
-# ----------------------------------------------------------------------------------------------------
-# The reference, and the loop
-
 def freeze(reference, device, dtype):
-    """pi_ref is fixed: the objective (eq. 3) is a KL to it, and a reference that moved with the policy
-    would change the problem (h would stay 0). No gradients, no dropout. On a GPU its weights are cast to
-    the training dtype (bf16 or fp16): it is never updated, so it needs no fp32 master copy, which halves
-    its memory; the price is that at step 0 on a GPU the rewards are close to 0 rather than exactly 0."""
+    """pi_ref is fixed: the objective (eq. 3) is a KL to it, and a reference that moved with the policy would
+    change the problem (h would stay 0). On a GPU it needs no fp32 copy: the training dtype halves its memory
+    (step 0's rewards are then near 0, not exactly 0)."""
     reference.eval().requires_grad_(False)
     if device.startswith("cuda") and dtype != "float32":
         reference.to(getattr(torch, dtype))
@@ -147,50 +127,33 @@ def make_batch(pairs, indices, args):
     return [t.to(args.device) for t in batch]
 
 
-def reference_logps(reference, batch, cached, indices):
-    """The reference's (chosen, rejected) log-probs: the rows precomputed for these pairs (--precompute_ref),
-    or one forward pass without a graph: pi_ref is a constant, so no activations are kept for it."""
-    if cached is not None:
-        return cached[indices].to(batch[0].device).unbind(1)
-    with torch.no_grad():
-        return pair_logps(reference, batch)
-
-
-@torch.no_grad()
-def precompute_reference(reference, pairs, args, compute):
-    """(N, 2) reference log-probs of every pair (chosen, rejected), in micro-batches. Under torchrun each
-    process fills every world_size-th micro-batch's rows and the processes add up their tables."""
-    logps = torch.zeros(len(pairs), 2, device=args.device)
-    starts = range(0, len(pairs), args.batch_size)
-    for start in starts[compute.rank::compute.world_size]:
-        end = min(start + args.batch_size, len(pairs))
-        with compute.autocast:
-            logps[start:end] = torch.stack(pair_logps(reference, make_batch(pairs, range(start, end), args)), 1).float()
-    return compute.all_reduce_sum(logps).cpu()
-
-
 # What dpo.py logs, under the names the authors' code uses (accuracy and margin singular here)
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
            "logps/rejected")
 
 
-def metric_sums(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected):
-    """This micro-batch's sums over pairs, by name. They stay on the device: reading each with .item()
-    would make the CPU wait for the GPU."""
-    return {"loss": losses.detach().sum(),
-            "rewards/chosen": chosen_rewards.sum(),
-            "rewards/rejected": rejected_rewards.sum(),
-            "rewards/margin": (chosen_rewards - rejected_rewards).sum(),
-            "rewards/accuracy": reward_accuracy(chosen_rewards, rejected_rewards) * len(losses),
-            "logps/chosen": policy_chosen.detach().sum(),
-            "logps/rejected": policy_rejected.detach().sum()}
+def micro_batch(policy, reference, pairs, indices, cached, args):
+    """pairs[indices] through the policy and the reference: the per-pair losses, the sums of METRICS (one
+    tensor left on the device: an .item() each would make the CPU wait for the GPU), the token count."""
+    batch = make_batch(pairs, indices, args)
+    policy_chosen, policy_rejected = pair_logps(policy, batch)
+    if cached is not None:  # --precompute_ref: the reference's rows for these pairs, scored before training
+        ref_chosen, ref_rejected = cached[list(indices)].to(args.device).unbind(1)
+    else:
+        with torch.no_grad():  # pi_ref is a constant: no graph, no activations kept for it
+            ref_chosen, ref_rejected = pair_logps(reference, batch)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing)
+    sums = torch.stack([losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                        (chosen_rewards - rejected_rewards).sum(),
+                        reward_accuracy(chosen_rewards, rejected_rewards) * len(losses),
+                        policy_chosen.detach().sum(), policy_rejected.detach().sum()]).float()
+    return losses, sums, batch[0].numel()
 
 
 def means(sums, n_pairs, compute):
-    """A list of metric_sums as means over n_pairs (summed over the processes under torchrun first), with
-    one device-to-host copy for all of them."""
-    totals = torch.stack([sum(s[name] for s in sums).float() for name in METRICS])
-    return dict(zip(METRICS, (compute.all_reduce_sum(totals) / n_pairs).tolist()))
+    """Metric sums added up (over the processes too, under torchrun), as means by name: one device-to-host copy."""
+    return dict(zip(METRICS, (compute.all_reduce_sum(torch.stack(sums).sum(0)) / n_pairs).tolist()))
 
 
 @torch.no_grad()
@@ -199,16 +162,11 @@ def evaluate(policy, reference, pairs, cached, args, compute):
     Under torchrun each process takes every world_size-th micro-batch; the sums are added up."""
     policy.eval()
     n = min(len(pairs), args.eval_batches * args.batch_size)
-    sums = [{name: torch.zeros((), device=args.device) for name in METRICS}]  # a process may get no batch
+    sums = [torch.zeros(len(METRICS), device=args.device)]  # a process may get no batch
     for start in range(0, n, args.batch_size)[compute.rank::compute.world_size]:
-        indices = list(range(start, min(start + args.batch_size, n)))
-        batch = make_batch(pairs, indices, args)
         with compute.autocast:
-            policy_chosen, policy_rejected = pair_logps(policy, batch)
-            ref_chosen, ref_rejected = reference_logps(reference, batch, cached, indices)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing)
-        sums.append(metric_sums(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected))
+            sums.append(micro_batch(policy, reference, pairs, range(start, min(start + args.batch_size, n)), cached,
+                                    args)[1])
     policy.train()
     return means(sums, n, compute)
 
@@ -224,33 +182,24 @@ def train(args, run):
     policy = load_model(args.init, args)
     # the usual case, ref = init: a copy, not a second load (and for --init scratch, the same random model)
     reference = copy.deepcopy(policy) if args.ref == args.init else load_model(args.ref, args)
-    check_same_shape(policy, reference, args.init, args.ref)  # DPO starts the policy at the reference
+    check_same_shape(policy, reference, args.init, args.ref)
     reference = freeze(reference, args.device, args.dtype)
-    policy.grad_checkpoint = args.grad_checkpoint  # recompute each block in backward: memory for compute
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, args.device, kind=args.optimizer)
     learned = sft_examples(test_pairs[:args.batch_size], "rejected" if args.swap else "chosen")  # the text DPO raises
-    start = run.start(policy, optimizer, held_out=collate(learned), data=train_pairs, examples=len(train_pairs),
+    # evaluate() sees the reference as it is then: after --precompute_ref, the cached rows
+    start = run.start(policy, optimizer, lambda: evaluate(policy, reference, test_pairs, test_cache, args, compute),
+                      held_out=collate(learned), data=train_pairs, examples=len(train_pairs),
                       reference=(args.ref, reference))
     train_cache = test_cache = None
     if args.precompute_ref:  # the reference scores every pair once now; then only the policy stays in memory
-        train_cache = precompute_reference(reference, train_pairs, args, compute)
-        test_cache = precompute_reference(reference, test_pairs, args, compute)
+        train_cache, test_cache = (precompute(reference, pairs, make_batch, pair_logps, args, compute)
+                                   for pairs in (train_pairs, test_pairs))
         reference = None
-    if args.compile:
-        policy.compile()
-        if reference is not None:
-            reference.compile()
     train_policy = wrap(policy, compute)  # torchrun: DDP averages the processes' gradients in backward
     pairs_per_step = args.batch_size * args.grad_accum
-    print(f"{policy.num_params() / 1e6:.1f}M parameters, {args.device}, {args.dtype}; beta {args.beta}, "
-          f"{args.loss_type} loss; effective batch {args.batch_size} x {args.grad_accum} = {pairs_per_step} pairs")
-
-    def evaluate_now():
-        return evaluate(policy, reference, test_pairs, test_cache, args, compute)
-
     for step in run.steps(start):  # range(start, max_iters); Ctrl-C and SIGTERM end it after a whole step
         if run.eval_due(step):  # every eval_interval steps: evaluate, then save if the model is healthy
-            run.checkpoint(step, evaluate_now)
+            run.checkpoint(step)
         lr = get_lr(step, args)
         set_lr(optimizer, lr)
         t0 = time.time()
@@ -258,31 +207,27 @@ def train(args, run):
         micro_batches, loss_scale = compute.share(args.grad_accum)  # torchrun: this process's part of the step
         for i, micro in enumerate(micro_batches):
             indices = batch_indices(len(train_pairs), args.batch_size, step * args.grad_accum + micro, args.seed)
-            batch = make_batch(train_pairs, indices, args)
             compute.sync(train_policy, last=i == len(micro_batches) - 1)  # torchrun: average gradients at the end
             with compute.autocast:  # mixed precision on a GPU (bf16 or fp16 matmuls); nothing on a CPU
-                policy_chosen, policy_rejected = pair_logps(train_policy, batch)
-                ref_chosen, ref_rejected = reference_logps(reference, batch, train_cache, indices)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing)
-            # the mean over the step's pairs: every micro-batch has batch_size of them
+                losses, batch_sums, batch_tokens = micro_batch(train_policy, reference, train_pairs, indices,
+                                                               train_cache, args)
+            # the mean over the step's pairs (every micro-batch has batch_size of them); the scaler is fp16's
             compute.scaler.scale(losses.sum() / pairs_per_step * loss_scale).backward()
-            sums.append(metric_sums(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected))
-            n_tokens += batch[0].numel()
+            sums.append(batch_sums)
+            n_tokens += batch_tokens
         metrics = means(sums, pairs_per_step, compute)  # the step's one device-to-host copy
         grad_norm = optimizer_step(policy, optimizer, compute.scaler, args.grad_clip)  # unscale, clip, step
         dt = time.time() - t0
         run.log({"iter": step + 1, **metrics, "grad_norm": grad_norm.item(), "lr": lr, "dt_ms": dt * 1000,
                  "tokens_per_s": compute.all_reduce_sum(float(n_tokens)) / dt})
 
-    if run.finish(evaluate_now):  # the last checkpoint: evaluated, checked, then saved
-        print(f"next, samples side by side: {args.next}")
+    run.finish()  # the last checkpoint: evaluated, checked, then saved; and what to run next
 
 
 def main(argv=None):
     args = parse_args(argv)
     models = {"--init": args.init, "--ref": args.ref}
-    with Run(args, "dpo", EXPERIMENT, models, watch=Runaway(args.beta)) as run:  # refuses here, before any loading
+    with Run(args, "dpo", EXPERIMENT, models, watch=Runaway(args.beta)) as run:  # refuses before any loading
         train(args, run)
 
 

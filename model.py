@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from machinery.fast import LabelLogProbs
+from machinery import fast
 
 IGNORE_INDEX = -100  # the label of a position that is not trained on (prompt, padding): PyTorch's convention
 
@@ -58,9 +58,8 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         past = 0
-        if kv_cache is not None:
-            # A KV cache, for sampling: the keys and values of the tokens already seen are kept, so each
-            # new token runs alone through the model, O(T) work instead of re-running all T tokens.
+        if kv_cache is not None:  # a KV cache (sampling): the keys and values of the tokens seen so far are
+            # kept, so each new token runs through the model alone, instead of all T tokens again
             if kv_cache[self.layer_idx] is not None:
                 past_k, past_v = kv_cache[self.layer_idx]
                 past = past_k.size(2)
@@ -68,15 +67,11 @@ class CausalSelfAttention(nn.Module):
                 v = torch.cat([past_v, v], dim=2)
             kv_cache[self.layer_idx] = (k, v)
         dropout = self.dropout if self.training else 0.0
-        if attn_mask is not None:  # who sees whom is given: padded rows in generate, packed rows
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-        elif past == 0:
-            # the causal mask as one flag: SDPA then picks flash / memory-efficient kernels where it can
+        if attn_mask is None:  # the causal mask as one flag: SDPA then picks flash kernels where it can
+            assert past == 0, "after a KV cache the mask must be given (generate gives it)"
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        else:
-            # new tokens after a cache: new token i sees the `past` cached tokens and new tokens <= i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        else:  # who sees whom is given: padded rows in generate, packed rows (machinery/fast.py)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -128,8 +123,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
-        # Activation checkpointing (--grad_checkpoint, off by default): keep only each block's input in the
-        # forward pass and recompute the block in backward. Same gradients; a third more compute, less memory.
+        # --grad_checkpoint: keep only each block's input, recompute the block in backward (less memory)
         self.grad_checkpoint = False
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -150,23 +144,16 @@ class GPT(nn.Module):
     def forward(self, idx, labels=None, positions=None, attn_mask=None, kv_cache=None):
         """Without labels: the logits at every position, (B, T, vocab_size).
 
-        With labels: label_logps(self(idx), labels), log p(labels[b, t] | idx[b, :t+1]) where a label
-        exists and 0 elsewhere, (B, T) in fp32: what SFT and DPO train on. Labels are already shifted
-        (data.py: labels[t] is the token after idx[t]). The numbers are the plain label_logps', but
-        machinery/fast.py computes them faster: the output layer (the head, a third of GPT-2 small's
-        FLOPs per token) runs only on labelled positions, and the (positions x vocab) logits never exist
-        whole. positions and attn_mask, when given, override the usual 0..T-1 and causal mask (padded
-        rows in generate; packed rows, whose labels are (2, B, T), in machinery/fast.py)."""
+        With labels (already shifted: labels[t] is the token after idx[t], data.py): label_logps(logits,
+        labels), (B, T) in fp32, what SFT and DPO train on. positions and attn_mask, when given, replace
+        0..T-1 and the causal mask (generate's padded rows; machinery/fast.py's packed rows)."""
         B, T = idx.size()
         past = 0 if kv_cache is None or kv_cache[0] is None else kv_cache[0][0].size(2)
-        if positions is None:
-            # lengths are checked where the data is made (machinery: --max_len against block_size; generate
-            # crops): checking positions here would cost a GPU-to-CPU sync on every forward
+        if positions is None:  # lengths are checked where the data is made: a check here would cost a GPU sync
             assert past + T <= self.config.block_size, f"{past + T} positions, block_size {self.config.block_size}"
             positions = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
-        # recompute blocks in backward only when one will follow (never with a KV cache, which would be
-        # appended to twice)
+        # recompute blocks only when a backward pass follows (never with a KV cache: it would grow twice)
         recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled() and kv_cache is None
         for block in self.transformer.h:
             if recompute:  # non-reentrant: works with autocast and compile; dropout masks are replayed
@@ -176,61 +163,42 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         if labels is None:
             return self.lm_head(x)  # (B, T, vocab_size)
-        mask = labels != IGNORE_INDEX  # (B, T), or (2, B, T) for packed rows
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        hidden = x.expand(*labels.shape, x.size(-1))[mask]  # (N, C): the labelled positions only
-        picked = LabelLogProbs.apply(hidden, self.lm_head.weight, labels[mask], dtype)  # (N,)
-        return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+        # = label_logps(self.lm_head(x), labels), computed faster: the head (a third of GPT-2 small's FLOPs a
+        # token) runs on labelled positions only, and the (positions x vocab) logits never exist whole
+        return fast.label_logps(x, self.lm_head.weight, labels)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generators=None,
-                 stop=None, eos_token=50256, use_cache=True):
+                 stop=None, eos_token=50256):
         """Sample a continuation of every prompt (a list of token ids) at once; returns each one's new tokens.
-
-        temperature 0 is greedy. top_k keeps the k likeliest tokens, top_p the smallest set whose
-        probability reaches p (nucleus sampling). A row stops after eos_token, when stop(its new tokens)
-        says so, or at block_size. generators: one torch.Generator per row, so a row's samples do not
-        depend on the other rows. Shorter prompts are padded on the left; the padding is masked out of
-        attention and positions count from each row's first real token, so every row gets what it would
-        get alone (tests/test_model.py).
-        """
-        device, rows = self.transformer.wte.weight.device, len(prompts)
-        longest = max(len(p) for p in prompts)
+        A row stops after eos_token, when stop(its new tokens) says so, or at block_size. Shorter prompts are
+        padded on the left, masked out, and each row's positions count from its first real token; with one
+        torch.Generator a row (generators), every row gets what it would get alone (tests/test_model.py)."""
+        device, longest = self.transformer.wte.weight.device, max(len(p) for p in prompts)
         max_new_tokens = min(max_new_tokens, self.config.block_size - longest)
-        # (B, T), padded on the left with token 0: any id would do, padding is masked out of attention
+        # (B, T), padded on the left with token 0: any id would do, the padding is masked out of attention
         idx = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
         real = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts], device=device)
-        padded = not bool(real.all())
-        positions = (real.cumsum(1) - 1).clamp(min=0)  # (B, T): 0 at each row's first real token
-        kv_cache = [None] * self.config.n_layer if use_cache else None
-        new, done = [[] for _ in range(rows)], [False] * rows
-        step_ids, step_positions = idx, positions  # what this step runs: all tokens first, then the new one
+        kv_cache = [None] * self.config.n_layer
+        new, done = [[] for _ in prompts], [False] * len(prompts)
+        start = 0  # the first position this step runs: all of them at first, then only the new token
         for _ in range(max_new_tokens):
-            mask = None
-            if padded:  # a query sees the real keys up to itself, and itself (so a padding query sees one key)
-                keys, queries = real.size(1), step_ids.size(1)
-                key_index = torch.arange(keys, device=device)[None, :]                    # (1, K)
-                query_index = torch.arange(keys - queries, keys, device=device)[:, None]  # (T, 1)
-                sees = (key_index <= query_index) & (real[:, None, :] | (key_index == query_index))
-                mask = sees[:, None]  # (B, 1, T, K): one for all heads
-            logits = self(step_ids, positions=step_positions, attn_mask=mask, kv_cache=kv_cache)[:, -1].float()
-            tokens = [sample_token(logits[row], temperature, top_k, top_p, generators[row] if generators else None)
-                      for row in range(rows)]
+            positions = (real.cumsum(1) - 1).clamp(min=0)  # (B, T): 0 at each row's first real token
+            keys = torch.arange(real.size(1), device=device)
+            queries = keys[start:, None]  # (T - start, 1)
+            # a query sees the real tokens up to itself, and itself (so that a padding query sees one key)
+            sees = (keys <= queries) & (real[:, None, :] | (keys == queries))  # (B, T - start, T)
+            logits = self(idx[:, start:], positions=positions[:, start:], attn_mask=sees[:, None], kv_cache=kv_cache)
+            tokens = sample_tokens(logits[:, -1].float(), temperature, top_k, top_p, generators)
             for row, token in enumerate(tokens):
                 if not done[row]:
                     new[row].append(token)
                     done[row] = token == eos_token or (stop is not None and stop(new[row]))
             if all(done):
                 break
-            step = torch.tensor(tokens, device=device)[:, None]  # (B, 1)
-            idx = torch.cat([idx, step], dim=1)
-            real = torch.cat([real, torch.ones_like(step, dtype=torch.bool)], dim=1)
-            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
-            if use_cache:  # only the new token runs; the cache holds the keys and values of the rest
-                step_ids, step_positions = step, positions[:, -1:]
-            else:
-                step_ids, step_positions = idx, positions
+            idx = torch.cat([idx, torch.tensor(tokens, device=device)[:, None]], dim=1)
+            real = torch.cat([real, torch.ones(len(prompts), 1, dtype=torch.bool, device=device)], dim=1)
+            start = idx.size(1) - 1
         return new
 
     @classmethod
@@ -274,17 +242,22 @@ def from_hf(hf_state):
     return state
 
 
-def sample_token(logits, temperature, top_k, top_p, generator):
-    """One token from a row of logits (vocab,): greedy at temperature 0, else sampled after top-k / top-p."""
+def sample_tokens(logits, temperature, top_k, top_p, generators):
+    """One token per row of logits (B, vocab): greedy at temperature 0, else sampled from the k likeliest
+    (top_k) or the likeliest that make up probability p (top_p, nucleus sampling), a generator a row."""
     if temperature == 0:
-        return logits.argmax().item()
+        return logits.argmax(-1).tolist()
     logits = logits / temperature
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).item()
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    # inverse-CDF sampling: a uniform draw per row, and the first token whose cumulative probability passes it
+    cdf = logits.softmax(-1).cumsum(-1)  # (B, vocab)
+    draws = [torch.rand((), generator=g, device=logits.device) for g in (generators or [None] * len(logits))]
+    uniform = torch.stack(draws)[:, None] * cdf[:, -1:]  # (B, 1), scaled to the cdf's total (1, up to rounding)
+    return torch.searchsorted(cdf, uniform, right=True).clamp(max=logits.size(-1) - 1).squeeze(1).tolist()

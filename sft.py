@@ -1,11 +1,8 @@
 """Stage 1: supervised fine-tuning (SFT) on the preferred responses, which makes the reference policy pi_ref.
 
-DPO measures how far the policy moves from pi_ref on the preference data, so pi_ref should already
-write responses like those in the data: GPT-2 never saw "\\n\\nHuman: ... \\n\\nAssistant:" dialogues. SFT
-maximizes the likelihood of the target responses given their prompts; the prompt tokens are not trained
-on. How long to train matters to DPO: too short, and the reference cannot yet write the replies DPO
-chooses between; far past where the held-out loss flattens, and the same DPO run moves the model less
-(README, "How long to train SFT").
+DPO measures how far the policy moves from pi_ref on the preference data, so pi_ref should already write
+replies like those in the data (GPT-2 never saw "\\n\\nHuman: ... \\n\\nAssistant:" dialogues). SFT maximizes
+the likelihood of the target replies given their prompts; the prompt tokens are not trained on.
 
     python sft.py                      # gpt2 on Anthropic/hh-rlhf, one GPU
     python sft.py --demo               # the toy task, a tiny model from scratch, on a CPU
@@ -42,9 +39,7 @@ def parse_args(argv=None):
                         "max_iters); set it to run part of a schedule now and --resume the rest later")
     args = cli.parse(parser, DEMO, argv, stage="sft")
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
-    carry = ("data", "train_split", "test_split", "device", "dtype", "batch_size", "grad_accum", "max_len",
-             "max_prompt_len", "eval_batches") + (() if args.demo else ("max_iters", "eval_interval"))
-    args.next = cli.next_command(parser, args, "dpo.py", carry, [("--init", args.out_dir)])
+    args.next = cli.next_command(parser, args, "dpo.py", [("--init", args.out_dir)])
     return args
 
 
@@ -70,9 +65,8 @@ def sft_loss(model, input_ids, labels, n_tokens):
 
 @torch.no_grad()
 def evaluate(model, examples, args, compute):
-    """Mean loss per response token on the first eval_batches micro-batches of the test split (under
-    torchrun each process takes every world_size-th micro-batch; the sums are added up), and its
-    perplexity, e^loss."""
+    """Mean loss per response token on the first eval_batches micro-batches of the test split, and its
+    perplexity, e^loss (under torchrun each process takes every world_size-th micro-batch)."""
     model.eval()
     total_logp, total_tokens = 0.0, 0
     starts = range(0, min(len(examples), args.eval_batches * args.batch_size), args.batch_size)
@@ -98,22 +92,14 @@ def train(args, run):
     test_examples = sft_examples(test_pairs, args.target)
 
     model = load_model(args.init, args)
-    model.grad_checkpoint = args.grad_checkpoint  # recompute each block in backward: memory for compute
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.device)
-    start = run.start(model, optimizer, held_out=collate(test_examples[:args.batch_size]), data=train_pairs,
-                      examples=len(train_examples))
-    if args.compile:
-        model.compile()  # in place: state_dict keys stay the same
+    start = run.start(model, optimizer, lambda: evaluate(model, test_examples, args, compute),
+                      held_out=collate(test_examples[:args.batch_size]), data=train_pairs, examples=len(train_examples))
     train_model = wrap(model, compute)  # torchrun: DDP averages the processes' gradients in backward
-    print(f"{model.num_params() / 1e6:.1f}M parameters, {args.device}, {args.dtype}; effective batch "
-          f"{args.batch_size} x {args.grad_accum} = {args.batch_size * args.grad_accum} examples")
-
-    def evaluate_now():
-        return evaluate(model, test_examples, args, compute)
 
     for step in run.steps(start):  # range(start, max_iters); Ctrl-C and SIGTERM end it after a whole step
         if run.eval_due(step):  # every eval_interval steps: evaluate, then save if the model is healthy
-            run.checkpoint(step, evaluate_now)
+            run.checkpoint(step)
         lr = get_lr(step, args)
         set_lr(optimizer, lr)
         t0 = time.time()
@@ -141,8 +127,7 @@ def train(args, run):
         run.log({"iter": step + 1, "loss": compute.all_reduce_sum(float(loss_sum)), "lr": lr,
                  "grad_norm": grad_norm.item(), "dt_ms": dt * 1000, "tokens_per_s": n_seen / dt})
 
-    if run.finish(evaluate_now):  # the last checkpoint: evaluated, checked, then saved
-        print(f"next, DPO from this model: {args.next}")
+    run.finish()  # the last checkpoint: evaluated, checked, then saved; and what to run next
 
 
 def main(argv=None):

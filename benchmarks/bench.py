@@ -148,6 +148,14 @@ def synthetic_pairs(n_pairs, seq_len, response_frac, vocab_size, seed=0):
     return [{"prompt": ids(prompt), "chosen": ids(response), "rejected": ids(response)} for _ in range(n_pairs)]
 
 
+def reference_logps(reference, batch, cached):
+    """As in dpo.micro_batch: the precomputed rows (--precompute_ref), or a forward pass without a graph."""
+    if cached is not None:
+        return cached.to(batch[0].device).unbind(1)
+    with torch.no_grad():
+        return dpo.pair_logps(reference, batch)
+
+
 def measure(step, args, device):
     for _ in range(args.warmup):
         step()
@@ -213,7 +221,7 @@ def run(args):
     def dpo_step():
         with ctx:
             chosen, rejected = dpo.pair_logps(policy, dpo_rows)
-            ref_chosen, ref_rejected = dpo.reference_logps(reference, dpo_rows, ref_logps, slice(None))
+            ref_chosen, ref_rejected = reference_logps(reference, dpo_rows, ref_logps)
         update(dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)[0].mean())
 
     steps = []

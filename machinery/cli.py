@@ -226,9 +226,17 @@ def scratch_shape(args):
     return dict(block_size=args.max_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
 
 
-def next_command(parser, args, script, carry, extra):
+# the flags a next stage shares with this one (data, device, batch shape): next_command repeats them
+CARRIED = ("data", "train_split", "test_split", "device", "dtype", "batch_size", "grad_accum", "max_len",
+           "max_prompt_len", "eval_batches")
+
+
+def next_command(parser, args, script, extra, carry=None):
     """The command to run next, repeating this run's own flags where they carry over: each flag in carry
-    whose value differs from the default (the demo's with --demo), then extra, [(flag, value)]."""
+    (default: CARRIED, and outside the demo --max_iters and --eval_interval too, so that a short trial stays
+    short) whose value differs from the default (the demo's with --demo), then extra, [(flag, value)]."""
+    if carry is None:
+        carry = CARRIED + (() if args.demo else ("max_iters", "eval_interval"))
     defaults = vars(parser.parse_args(["--demo"] if args.demo else []))
     words = [f"python {script}"] + (["--demo"] if args.demo else [])
     for flag in carry:
@@ -239,3 +247,4 @@ def next_command(parser, args, script, carry, extra):
             words.append(f"--{flag}" if value is True else f"--{flag} {value}")
     words += [f"{flag} {value}" for flag, value in extra]
     return " ".join(words)
+

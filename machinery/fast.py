@@ -1,13 +1,28 @@
 """The fast paths: the same numbers as the lesson's plain code, computed with less memory or fewer tokens.
 
-- LabelLogProbs: what GPT.forward(idx, labels) returns, label_logps(logits, labels) in model.py,
-  without ever holding the (tokens x vocabulary) logits whole.
+- label_logps and LabelLogProbs: what GPT.forward(idx, labels) returns, model.label_logps(logits, labels),
+  with the output layer run on labelled positions only and the (tokens x vocabulary) logits never whole.
 - packed_dpo_batch: dpo.py --share_prompt; each pair as one row with its prompt once, where the lesson's
   data.dpo_batch stacks two rows that both hold it.
+- precompute: dpo.py --precompute_ref; the reference scores every pair once, before training, so only the
+  policy stays in memory.
 
 tests/test_fast.py proves each equal to the plain version, values and gradients.
 """
 import torch
+
+
+def label_logps(x, weight, labels):
+    """model.label_logps(x @ weight.T, labels) for the final hidden states x (B, T, C) and the head's weight
+    (vocab, C); labels (B, T), or (2, B, T) for packed rows (machinery/fast.packed_dpo_batch), where a
+    position can serve both planes."""
+    from model import IGNORE_INDEX  # imported here, not above: model.py imports this module
+    mask = labels != IGNORE_INDEX
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    hidden = x.expand(*labels.shape, x.size(-1))[mask]  # (N, C): the labelled positions only
+    picked = LabelLogProbs.apply(hidden, weight, labels[mask], dtype)  # (N,)
+    return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
 
 
 class LabelLogProbs(torch.autograd.Function):
@@ -104,3 +119,17 @@ def packed_dpo_batch(tokenized):
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     attn_mask = (causal & ((key == 0) | (key == query)))[:, None]  # (B, 1, W, W): one for all heads
     return input_ids, labels, positions, attn_mask
+
+
+@torch.no_grad()
+def precompute(reference, pairs, make_batch, pair_logps, args, compute):
+    """(N, 2) reference log-probs of every pair (chosen, rejected), in micro-batches of make_batch(pairs,
+    indices, args). Under torchrun each process fills every world_size-th micro-batch's rows and the
+    processes add up their tables."""
+    logps = torch.zeros(len(pairs), 2, device=args.device)
+    starts = range(0, len(pairs), args.batch_size)
+    for start in starts[compute.rank::compute.world_size]:
+        end = min(start + args.batch_size, len(pairs))
+        with compute.autocast:
+            logps[start:end] = torch.stack(pair_logps(reference, make_batch(pairs, range(start, end), args)), 1).float()
+    return compute.all_reduce_sum(logps).cpu()

@@ -42,6 +42,8 @@ def read_pairs(source, split, split_name=None, verbose=True):
     """Preference pairs of one split of a local or hub source as text; prints one line: pairs kept,
     dropped for which reason, the format, and which records were held out."""
     split_name = split_name or split
+    if source == "toy":  # data.load_preferences answers for the toy task's own split names
+        raise UserError(f"toy has no split {split_name!r}: its splits are train and test")
     numbered, single = read_records(source, split_name)
     records, locations = [record for _, record in numbered], [where for where, _ in numbered]
     format_name, outcomes = records_to_pairs(records, locations)
@@ -54,6 +56,8 @@ def read_pairs(source, split, split_name=None, verbose=True):
         hold_out = f"; {single}: every {HELD_OUT_EVERY}th record held out for test" if single else ""
         print(f"data: {source} [{split_name}]: kept {len(pairs)} pairs, dropped {sum(dropped.values())} "
               f"({reasons}); format: {format_name}{hold_out}")
+    if not pairs:
+        raise UserError(f"{source} [{split_name}] has no usable preference pairs")
     return pairs
 
 

@@ -13,6 +13,8 @@ from model import IGNORE_INDEX
 def inspect(source, split, max_len, max_prompt_len, split_name=None):
     tokenizer = get_tokenizer()
     pairs = load_preferences(source, split, split_name=split_name)
+    if source == "toy":
+        print(f"data: toy [{split}]: {len(pairs)} pairs, made by data.toy_pairs")
     first = pairs[0]
     print("\nfirst pair as text, split where training splits it:")
     for field in ("prompt", "chosen", "rejected"):

@@ -1,13 +1,19 @@
 """sample.py's files and bookkeeping: LABEL=MODEL, prompt files, means with standard errors, the summary
 table, and NAME.md / NAME.json / NAME.jsonl written whole (strict JSON: no NaN or Infinity)."""
+import glob
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
+from data import EOS
 from machinery import UserError
 from machinery.checkpoints import atomic_write
+from machinery.compute import pick_device
+
+DEMO_DIR = "out/demo"
 
 
 def labelled(spec):
@@ -16,6 +22,88 @@ def labelled(spec):
         label, path = spec.split("=", 1)
         return label, path
     return os.path.basename(os.path.normpath(spec)), spec
+
+
+def demo_models():
+    """Every run in out/demo that saved a checkpoint, as LABEL=DIR: the reference (sft) first, then dpo and
+    dpo-bad, then the rest by name (the reruns with one flag changed: dpo-beta0.5, ...)."""
+    found = sorted(os.path.basename(os.path.dirname(path)) for path in glob.glob(os.path.join(DEMO_DIR, "*", "ckpt.pt")))
+    first = [name for name in ("sft", "dpo", "dpo-bad") if name in found]
+    return [f"{name}={os.path.join(DEMO_DIR, name)}" for name in first + [n for n in found if n not in first]]
+
+
+def checked(parser, args):
+    """sample.py's flags, completed (the demo's defaults) and checked in one line each."""
+    if args.demo:
+        args.model = args.model or demo_models()
+        if not args.model:
+            parser.error(f"no runs in {DEMO_DIR}: run the demo's training commands first (README, the demo)")
+        args.data = args.data or "toy"
+        args.num_prompts = 64 if args.num_prompts is None else args.num_prompts
+        args.max_new_tokens = 40 if args.max_new_tokens is None else args.max_new_tokens
+        args.device = "cpu" if args.device == "auto" else args.device
+    args.num_prompts = 8 if args.num_prompts is None else args.num_prompts
+    args.max_new_tokens = 128 if args.max_new_tokens is None else args.max_new_tokens
+    args.results_dir = args.results_dir or (DEMO_DIR if args.demo else "out/samples")
+    args.name = args.name or "samples"
+    if args.top_p == 0:
+        parser.error("argument --top_p: must be in (0, 1], got 0")
+    if not args.model:
+        parser.error("give at least one --model (or --demo)")
+    args.models = [labelled(spec) for spec in args.model]  # [(label, path)]
+    labels = [label for label, _ in args.models]
+    if len(set(labels)) < len(labels):
+        parser.error(f"two models share a label ({', '.join(labels)}); name them as LABEL=MODEL")
+    args.ref = args.ref or labels[0]
+    try:
+        args.device = pick_device(args.device)
+    except UserError as e:
+        parser.error(str(e))
+    return args
+
+
+def prompts(args, held_out, tokenizer, models):
+    """(texts, token ids) of the prompts to sample: --prompt and --prompts_file, else the first --num_prompts
+    of --data's test split; a prompt too long for the context keeps its end (what the reply answers)."""
+    texts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if not texts and held_out:
+        texts = [pair["prompt"] for pair in held_out[:args.num_prompts]]
+    if not texts:
+        raise UserError("no prompts: give --prompt, --prompts_file or --data")
+    context = min(m.config.block_size for m in models)
+    if args.max_new_tokens >= context:
+        raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in a context of "
+                        f"{context} tokens (the models' block_size); use at most {context // 2} or so")
+    encoded = [tokenizer.encode_ordinary(text) or [EOS] for text in texts]  # EOS: an empty prompt
+    room = context - args.max_new_tokens
+    cropped = sum(len(ids) > room for ids in encoded)
+    if cropped:
+        print(f"note: {cropped} of {len(texts)} prompts are longer than the {room} tokens that "
+              f"--max_new_tokens {args.max_new_tokens} leaves of {context}: each keeps its last {room}")
+    return texts, [ids[-room:] for ids in encoded]
+
+
+def write(args, argv, prompts, samples, summary):
+    """The three results files: the command that made them, the table, then every prompt's completions."""
+    settings = {k: getattr(args, k) for k in ("model", "data", "temperature", "top_k", "top_p", "max_new_tokens",
+                                               "seed")}
+    markdown = [f"Temperature {args.temperature}, {len(prompts)} prompts, seed {args.seed}; KL and accuracy "
+                f"against `{args.ref}`; +- is one standard error over the samples.", "", table(summary), ""]
+    for i, prompt in enumerate(prompts):
+        markdown += [f"## Prompt {i + 1}", "", "```", prompt.strip(), "```", ""]
+        markdown += [f"- **{label}**: {rows[i]['completion'].strip()!r}" for label, rows in samples.items()] + [""]
+    command = " ".join(["python sample.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    write_results(args.results_dir, args.name, command,
+                  {"settings": settings, "reference": args.ref, "summary": summary, "samples": samples}, markdown)
+
+
+def show(args, prompts, samples, summary):
+    for i in range(min(args.show, len(prompts))):
+        print(f"\n=== prompt {i + 1}: {prompts[i].strip()[-120:]!r}")
+        for label, rows in samples.items():
+            print(f"--- {label}: {rows[i]['completion'].strip()!r}")
+    print("\n" + table(summary))
+    print(f"\nwrote {os.path.join(args.results_dir, args.name)}.md, .json and .jsonl")
 
 
 def read_prompts_file(path):

@@ -1,13 +1,13 @@
 """Run: the one object a training loop talks to, so that the loop itself can hold only the method.
 
     with Run(args, "dpo", EXPERIMENT) as run:                 # one-line errors, device, out_dir lock, signals
-        start = run.start(model, optimizer, held_out, data=train_pairs)   # --resume, health, log.jsonl
+        start = run.start(model, optimizer, evaluate, held_out, data=train_pairs)  # --resume, health, log.jsonl
         for step in run.steps(start):                         # range(start, max_iters), but Ctrl-C/SIGTERM
             if run.eval_due(step):                            #   end it after a whole step
-                run.checkpoint(step, evaluate)                # evaluate, log, check health, then save
+                run.checkpoint(step)                          # evaluate(), log, check health, then save
             ...                                               # the training step: the method
             run.log({"iter": step + 1, "loss": ...})          # log the step, stop on a non-finite loss
-        run.finish(evaluate)                                  # the last checkpoint, evaluated first
+        run.finish()                                          # the last checkpoint, evaluated first
 
 Nothing broken is saved, by construction: every save, the final one and the one after a signal included,
 comes after an evaluation of those very weights and a health check (runlog.Health) that they pass.
@@ -47,11 +47,13 @@ class Run:
     def __exit__(self, *exc):
         return self.stack.__exit__(*exc)
 
-    def start(self, model, optimizer, held_out, data=None, examples=None, reference=None):
+    def start(self, model, optimizer, evaluate, held_out, data=None, examples=None, reference=None):
         """Check that --batch_size fits the training examples (their number); resume (with --resume) after
         checking that the data (tokenized training pairs) and the reference ((path, model)) are what the
         run started with; set up the health check on held_out, a batch of (input_ids, labels); open
-        log.jsonl. Returns the step to start from. The run's first write."""
+        log.jsonl. evaluate() -> {metric: value} is what each checkpoint logs. Returns the step to start
+        from. The run's first write."""
+        self.evaluate = evaluate
         if examples is not None:
             batch_indices(examples, self.args.batch_size, 0, self.args.seed)  # refuses a batch larger than them
         self.model, self.optimizer = model, optimizer
@@ -66,6 +68,14 @@ class Run:
             start = resume(self.out, model, optimizer, self.compute.scaler)
         self.start_step = start
         self.health = Health(held_out, self.compute, model)
+        model.grad_checkpoint = self.args.grad_checkpoint  # recompute each block in backward: memory for compute
+        if self.args.compile:  # in place: state_dict keys stay the same
+            model.compile()
+            if reference is not None:
+                reference[1].compile()
+        print(f"{model.num_params() / 1e6:.1f}M parameters, {self.args.device}, {self.args.dtype}; effective batch "
+              f"{self.args.batch_size} x {self.args.grad_accum} = {self.args.batch_size * self.args.grad_accum} "
+              "examples a step")
         if self.compute.master:
             self.out.begin()
         self.log_file = RunLog(self.args.out_dir, start, write=self.compute.master)
@@ -92,12 +102,12 @@ class Run:
         check_training_loss(record["loss"], record["iter"], self.compute.dtype, self.out.last_saved())
         self.log_file({"iter": record["iter"], "split": "train", **{k: v for k, v in record.items() if k != "iter"}})
 
-    def checkpoint(self, step, evaluate):
-        """Evaluate the model as it is at `step` (evaluate() -> {metric: value}), log that, check its health,
-        and only then save it. If evaluate itself crashes, the weights are saved if the health check's own
-        forward pass finds them healthy, and the crash goes on."""
+    def checkpoint(self, step):
+        """Evaluate the model as it is at `step`, log that, check its health, and only then save it. If the
+        evaluation itself crashes, the weights are saved if the health check's own forward pass finds them
+        healthy, and the crash goes on."""
         try:
-            metrics = evaluate()
+            metrics = self.evaluate()
         except (UserError, Interrupted, KeyboardInterrupt):
             raise
         except Exception:
@@ -116,11 +126,13 @@ class Run:
         self.out.note = self.watch.note() if hasattr(self.watch, "note") else ""
         self.out.save(step, self.model, self.optimizer, self.compute.scaler, self.fingerprints)
 
-    def finish(self, evaluate):
+    def finish(self):
         """After the loop: the last steps' checkpoint, evaluated, checked and saved. True if the run is
         complete, False if a signal stopped it early (which it says)."""
-        self.checkpoint(self.step, evaluate)
+        self.checkpoint(self.step)
         if self.step < self.args.max_iters:
             print(f"stopping early at step {self.step}: saved; continue with --resume", flush=True)
             return False
+        if getattr(self.args, "next", None):
+            print(f"next: {self.args.next}")
         return True

@@ -119,7 +119,7 @@ def test_bf16_reference_gives_rewards_near_zero_at_the_start(device="cuda"):
     batch = on(device, dpo_batch(random_pairs()))
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
         chosen, rejected = dpo.pair_logps(policy, batch)
-        ref_chosen, ref_rejected = dpo.reference_logps(reference, batch, None, None)
+        ref_chosen, ref_rejected = dpo.pair_logps(reference, batch)
     losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)
     assert ref_chosen.dtype == torch.float32
     # beta 0.1 x the rounding of ~40-token sums (0.015 at most on a CPU's bf16)

@@ -514,7 +514,7 @@ def test_inspect_toy_cli(tokenizer):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     tokenized = data.tokenize_pairs(data.toy_pairs("train"), 512, 256, tokenizer, verbose=False)
-    assert lines[0] == "data: toy [train]: kept 2000 pairs, dropped 0 (none); format: toy"
+    assert lines[0] == "data: toy [train]: 2000 pairs, made by data.toy_pairs"
     # the percentile table: p50 <= p90 <= p99 <= max per field, max matching our own count
     header = lines.index("token lengths    p50    p90    p99    max")
     for line, field in zip(lines[header + 1:header + 4], ("prompt", "chosen", "rejected")):

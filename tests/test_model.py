@@ -95,11 +95,11 @@ def test_next_token_loss_equals_transformers(hf_and_ours):
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "no_cache"])
+@pytest.mark.parametrize("use_cache", [True, False], ids=["hf_kv_cache", "hf_no_cache"])
 def test_greedy_tokens_equal_transformers(hf_and_ours, use_cache):
     hf, ours = hf_and_ours
     idx = random_tokens(ours.config.vocab_size, (1, 5), seed=2)
-    new = ours.generate([idx[0].tolist()], 20, temperature=0, use_cache=use_cache)[0]
+    new = ours.generate([idx[0].tolist()], 20, temperature=0)[0]  # ours with its KV cache
     with torch.no_grad():
         expected = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
                                use_cache=use_cache, pad_token_id=0)
@@ -111,32 +111,40 @@ def test_generate_stops_at_block_size():
     # past block_size there is no position embedding: generate must stop there, not fail or wrap around
     gpt = tiny_gpt().eval()
     prompt = random_tokens(64, (29,)).tolist()
-    for use_cache in (True, False):
-        assert len(gpt.generate([prompt], 20, temperature=0, use_cache=use_cache)[0]) == 32 - 29
+    assert len(gpt.generate([prompt], 20, temperature=0)[0]) == 32 - 29
 
 
 def sample(gpt, prompts, seeds, n=24, **kwargs):
     return gpt.generate(prompts, n, generators=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
 
 
-def test_sampling_with_kv_cache_equals_without():
+def without_a_cache(gpt, prompt, seed, n, **kwargs):
+    """The slow oracle of generate: the whole sequence through the model again for every new token."""
+    idx, generator = list(prompt), torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = gpt(torch.tensor([idx]))[:, -1].float()
+        idx += model.sample_tokens(logits, 1.0, kwargs.get("top_k"), kwargs.get("top_p"), [generator])
+    return idx[len(prompt):]
+
+
+def test_sampling_with_the_kv_cache_equals_sampling_without_it():
     gpt = tiny_gpt().eval()
     prompt = random_tokens(64, (4,), seed=3).tolist()
     for seed in (0, 1):
-        assert sample(gpt, [prompt], [seed], top_k=10, top_p=0.9) == sample(gpt, [prompt], [seed], top_k=10,
-                                                                             top_p=0.9, use_cache=False)
+        assert sample(gpt, [prompt], [seed], top_k=10, top_p=0.9)[0] == without_a_cache(gpt, prompt, seed, 24, top_k=10,
+                                                                                        top_p=0.9)
     assert sample(gpt, [prompt], [0]) != sample(gpt, [prompt], [1])  # it really samples: not greedy's equality
 
 
 def test_a_batch_gives_each_row_what_it_would_get_alone():
     """Prompts of four lengths at once, left-padded: each row's tokens equal one-at-a-time sampling with
-    the same per-row seed, sampled and greedy, with the KV cache and without, and each row stops on its own."""
+    the same per-row seed, sampled and greedy, and each row stops on its own."""
     gpt = tiny_gpt().double().eval()  # fp64: the padded batch and the single row round alike
     prompts = [random_tokens(64, (n,), seed=n).tolist() for n in (3, 9, 1, 6)]
     seeds = [100, 101, 102, 103]
     alone = [sample(gpt, [p], [s], n=12)[0] for p, s in zip(prompts, seeds)]
     assert sample(gpt, prompts, seeds, n=12) == alone
-    assert sample(gpt, prompts, seeds, n=12, use_cache=False) == alone
     assert len({tuple(row) for row in alone}) == 4  # rows differ: a mix-up between rows would show
     greedy_alone = [gpt.generate([p], 12, temperature=0)[0] for p in prompts]
     assert gpt.generate(prompts, 12, temperature=0) == greedy_alone
