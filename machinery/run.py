@@ -13,6 +13,7 @@ Nothing broken is saved, by construction: every save, the final one and the one 
 comes after an evaluation of those very weights and a health check (runlog.Health) that they pass.
 """
 import contextlib
+import sys
 
 from data import batch_indices
 from machinery import UserError
@@ -44,8 +45,17 @@ class Run:
             self.stack = stack.pop_all()
         return self
 
-    def __exit__(self, *exc):
-        return self.stack.__exit__(*exc)
+    def __exit__(self, exc_type, exc, traceback):
+        if exc is not None and self.compute.world_size > 1 and _peer_failure(exc):
+            # under torchrun a process that died or froze shows here as a failed collective, deep in backward
+            first = str(exc).strip().splitlines()[0].split(". ")[0][:160]  # gloo's first sentence
+            try:
+                raise UserError(f"process {self.compute.rank} of {self.compute.world_size}: a collective with the "
+                                f"other processes failed ({first}); one of them stopped or froze (--dist_timeout "
+                                f"{self.compute.timeout:g} s): see its output. {self.out.last_saved()}") from None
+            except UserError:
+                return self.stack.__exit__(*sys.exc_info())
+        return self.stack.__exit__(exc_type, exc, traceback)
 
     def start(self, model, optimizer, evaluate, held_out, data=None, examples=None, reference=None):
         """Check that --batch_size fits the training examples (their number); resume (with --resume) after
@@ -136,3 +146,9 @@ class Run:
         if getattr(self.args, "next", None):
             print(f"next: {self.args.next}")
         return True
+
+
+def _peer_failure(error):
+    """Whether an exception is gloo's or NCCL's: a peer that closed its connection or never answered."""
+    markers = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Timed out")
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in markers)

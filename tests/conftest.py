@@ -93,10 +93,11 @@ def toy_models(tmp_path_factory):
     import sft
     root = tmp_path_factory.mktemp("toy")
     dirs = {name: str(root / name) for name in ("sft", "dpo", "dpo-bad")}
+    # half the demo's batches: the suite's time budget; the tests' margins hold with room (SFT loss 0.65, DPO 1.0)
     sft.main(["--demo", "--max_iters", "150", "--eval_interval", "150", "--eval_batches", "2",  # evals at 0, 150
-              "--out_dir", dirs["sft"]] + TINY)
+              "--batch_size", "16", "--out_dir", dirs["sft"]] + TINY)
     common = ["--demo", "--init", dirs["sft"], "--beta", "0.1", "--lr", "1e-4", "--max_iters", "20",
-              "--eval_interval", "20", "--eval_batches", "4"]  # evals at step 0 and at the end
+              "--eval_interval", "20", "--eval_batches", "4", "--batch_size", "8"]  # evals at step 0 and at the end
     dpo.main(common + ["--out_dir", dirs["dpo"]])
     dpo.main(common + ["--swap", "--out_dir", dirs["dpo-bad"]])
     return dirs

@@ -129,3 +129,26 @@ def test_a_collective_that_fails_names_the_process_and_what_it_waited_for():
     message = str(error.value)
     assert "\n" not in message and message.startswith("process 1 of 2 waited for the sum of a metric")
     assert "--dist_timeout 5 s" in message and "Timed out waiting 5000ms" in message
+
+
+def test_a_process_that_dies_mid_run_is_one_line_from_the_others(runs_dir, tmp_path):
+    wrapper = tmp_path / "die_on_process_1.py"
+    wrapper.write_text(
+        "import os\n"
+        "import model, sft\n"
+        "real, calls = model.GPT.forward, [0]\n"
+        "def forward(self, idx, labels=None, **kwargs):\n"
+        "    if self.training and os.environ['RANK'] == '1':\n"
+        "        calls[0] += 1\n"
+        "        if calls[0] == 5:  # step 3: process 1 dies, as a killed or crashed worker would\n"
+        "            os._exit(3)\n"
+        "    return real(self, idx, labels, **kwargs)\n"
+        "model.GPT.forward = forward\n"
+        "sft.main()\n")
+    result = torchrun(wrapper, *MODEL, "--data", runs_dir / "pairs.jsonl", "--out_dir", tmp_path / "out",
+                      "--max_iters", "6", "--dist_timeout", "30")
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and ours[0].startswith("error: process 0 of 2: a collective with the other processes failed")
+    assert "one of them stopped or froze" in ours[0] and "the last checkpoint, step 2" in ours[0]
+    assert "local_rank: 1" in result.stderr  # the launcher names the process that died
