@@ -33,8 +33,8 @@ from machinery.runlog import Runaway
 DEFAULTS = dict(init="out/sft", data="Anthropic/hh-rlhf", batch_size=8, grad_accum=8, max_len=512, lr=1e-6,
                 warmup=150, max_iters=2500, eval_interval=250, optimizer="rmsprop", beta=0.1)
 # --demo: the toy task from the demo's SFT model, on a CPU.
-DEMO = dict(init="out/demo/sft", data="toy", batch_size=16, grad_accum=1, max_len=64, lr=2e-5, warmup=10,
-            max_iters=80, eval_interval=20, device="cpu", optimizer="adamw")
+DEMO = dict(init="out/demo/sft", data="toy", batch_size=8, grad_accum=1, max_len=64, lr=1e-4, warmup=10,
+            max_iters=40, eval_interval=20, eval_batches=4, device="cpu", optimizer="adamw")
 EXPERIMENT = ("ref", "swap", "beta", "loss_type", "label_smoothing", "optimizer", "share_prompt", "precompute_ref")
 
 

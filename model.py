@@ -147,6 +147,15 @@ class GPT(nn.Module):
         With labels (already shifted: labels[t] is the token after idx[t], data.py): label_logps(logits,
         labels), (B, T) in fp32, what SFT and DPO train on. positions and attn_mask, when given, replace
         0..T-1 and the causal mask (generate's padded rows; machinery/fast.py's packed rows)."""
+        x = self.hidden_states(idx, positions, attn_mask, kv_cache)  # (B, T, C)
+        if labels is None:
+            return self.lm_head(x)  # (B, T, vocab_size)
+        # = label_logps(self.lm_head(x), labels), computed faster: the head (a third of GPT-2 small's FLOPs a
+        # token) runs on labelled positions only, and the (positions x vocab) logits never exist whole
+        return fast.label_logps(x, self.lm_head.weight, labels)
+
+    def hidden_states(self, idx, positions=None, attn_mask=None, kv_cache=None):
+        """The transformer without its head: the final LayerNorm's output at every position, (B, T, C)."""
         B, T = idx.size()
         past = 0 if kv_cache is None or kv_cache[0] is None else kv_cache[0][0].size(2)
         if positions is None:  # lengths are checked where the data is made: a check here would cost a GPU sync
@@ -160,12 +169,7 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, kv_cache, attn_mask, use_reentrant=False)
             else:
                 x = block(x, kv_cache, attn_mask)
-        x = self.transformer.ln_f(x)  # (B, T, C)
-        if labels is None:
-            return self.lm_head(x)  # (B, T, vocab_size)
-        # = label_logps(self.lm_head(x), labels), computed faster: the head (a third of GPT-2 small's FLOPs a
-        # token) runs on labelled positions only, and the (positions x vocab) logits never exist whole
-        return fast.label_logps(x, self.lm_head.weight, labels)
+        return self.transformer.ln_f(x)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generators=None,

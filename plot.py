@@ -131,8 +131,9 @@ def plot_curves(runs, out, title, hlines=()):
     save(fig, out)
 
 
-def plot_frontier(points, out, title):
-    """Oracle reward against KL, one family per colour, joined in training order."""
+def plot_frontier(points, out, title, log_kl=False):
+    """Oracle reward against KL, one family per colour, joined in training order (log_kl: a log KL axis,
+    so that runs that move little are not squashed against it)."""
     families = {}
     for label, point in points.items():
         family, step = parse_label(label)
@@ -149,6 +150,8 @@ def plot_frontier(points, out, title):
                 ax.annotate(str(step), (point["kl"], point["reward"]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
     n = sorted({p["n"] for p in points.values()})
+    if log_kl:
+        ax.set_xscale("symlog", linthresh=0.1)  # linear below 0.1 nats: the reference's 0 stays on the axis
     ax.set_xlabel("KL(policy || reference) on the policy's own samples (nats, mean over samples)")
     ax.set_ylabel("oracle reward (mean over samples)")
     ax.set_title(f"{title}\nerror bars: one standard error over {'/'.join(map(str, n))} samples; "
@@ -159,38 +162,143 @@ def plot_frontier(points, out, title):
 
 
 def plot_sft_length(path, out, title):
-    """Per SFT length, mean +- standard error across seeds: what SFT reached, what DPO gained and spent,
-    and the reference's held-out log-probs (what DPO's loss works on)."""
+    """What DPO gains (oracle reward, DPO minus SFT) against the SFT run's length: the mean across seeds
+    with one standard error across them, and each seed as a dot."""
     runs = read_json_field(path, "runs", "an sft-length results file")
-    # (title, [(key in the run records, line style)]): solid lines carry the legend
-    panels = [("SFT test loss (nats per token)", [("sft_test_loss", "o-")]),
-              ("oracle reward: SFT (dashed), after DPO (solid)", [("dpo_reward", "o-"), ("sft_reward", "s--")]),
-              ("gain: DPO minus SFT oracle reward", [("gain", "o-")]),
-              ("KL spent by DPO (nats)", [("kl", "o-")]),
-              ("reference log p, held out (nats):\nchosen (solid), rejected (dashed)",
-               [("ref_logps_chosen", "o-"), ("ref_logps_rejected", "s--")]),
-              ("DPO test loss after 80 steps", [("dpo_end_loss", "o-")])]
-    fig, axes = plt.subplots(2, 3, figsize=FIGSIZE)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for target, color in zip(sorted({r["target"] for r in runs}), colors):
-        mine = [r for r in runs if r["target"] == target]
-        lengths = sorted({r["sft_iters"] for r in mine})
-        for ax, (_, lines) in zip(axes.ravel(), panels):
-            for key, style in lines:
-                stats = [mean_and_sem([r[key] for r in mine if r["sft_iters"] == n]) for n in lengths]
-                ax.errorbar(lengths, [s[0] for s in stats], yerr=[s[1] for s in stats], fmt=style, color=color,
-                            capsize=3, label=f"SFT target {target}" if style == "o-" else None)
-    for ax, (name, _) in zip(axes.ravel(), panels):
-        ax.set_xscale("log")
-        ax.set_xlabel("SFT length (optimizer steps)")
-        ax.set_title(name, fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_yscale("log")
-    axes[0, 2].axhline(0, color="black", lw=0.8)
-    axes[0, 0].legend(fontsize=8)
-    n_seeds = max(sum(1 for r in runs if (r["target"], r["sft_iters"]) == key)
-                  for key in {(r["target"], r["sft_iters"]) for r in runs})
-    fig.suptitle(f"{title}\nmean and one standard error across seeds (up to {n_seeds} per point)", fontsize=10)
+    lengths = sorted({r["sft_steps"] for r in runs})
+    fig, ax = plt.subplots(figsize=(FIGSIZE[0], FIGSIZE[1] * 0.75))
+    stats = [mean_and_sem([r["gain"] for r in runs if r["sft_steps"] == n]) for n in lengths]
+    ax.errorbar(lengths, [m for m, _ in stats], yerr=[e for _, e in stats], fmt="o-", capsize=4, lw=2,
+                label="mean over seeds, +- one standard error")
+    ax.plot([r["sft_steps"] for r in runs], [r["gain"] for r in runs], ".", color="gray", label="one seed")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel("SFT length (optimizer steps, each run's own cosine schedule)")
+    ax.set_ylabel("gain in oracle reward: DPO minus SFT")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, out)
+
+
+def plot_sft_curves(path, out, title):
+    """SFT's held-out loss along each run of the SFT-length experiment (log scale), and the data's floor."""
+    runs = read_json_field(path, "runs", "an sft-length results file")
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    colors = dict(zip(sorted({r["sft_steps"] for r in runs}), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for r in runs:
+        steps, losses = zip(*r["sft_curve"])
+        ax.plot(steps, losses, "-", color=colors[r["sft_steps"]], lw=1, alpha=0.8,
+                label=f"{r['sft_steps']}-step schedule" if r["seed"] == runs[0]["seed"] else None)
+    ax.axhline(math.log(50) / 20.7, color="gray", ls="--", lw=1.2,
+               label="the data's floor: ln 50 nats (2 tones x 5 openers x 5 closers) over 20.7 tokens")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("SFT held-out loss per reply token (nats)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, out)
+
+
+def plot_batch(pair_index, out, title):
+    """One real HH-RLHF pair (the shipped excerpt's test split), as the two layouts lay it out: dpo_batch's
+    stacked rows (input ids above the shifted labels, -100 where nothing is trained), packed_dpo_batch's
+    single row with its two label planes and its attention mask, and how the log-probs become the loss."""
+    from matplotlib.patches import FancyArrowPatch, Rectangle
+    from data import EOS, dpo_batch, get_tokenizer, load_preferences, tokenize_pairs
+    from machinery.fast import packed_dpo_batch
+    from model import IGNORE_INDEX
+    excerpt = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "hh-rlhf-harmless-base")
+    tokenizer = get_tokenizer()
+    pairs = load_preferences(excerpt, "test", verbose=False)
+    if not 0 <= pair_index < len(pairs):
+        raise UserError(f"--pair {pair_index}: the excerpt's test split has pairs 0 to {len(pairs) - 1}")
+    pair = tokenize_pairs(pairs[pair_index:pair_index + 1], 512, 256, tokenizer, verbose=False)[0]
+    stacked_ids, stacked_labels = dpo_batch([pair])
+    packed_ids, packed_labels, positions, attn_mask = packed_dpo_batch([pair])
+    p, c, r = len(pair["prompt"]), len(pair["chosen"]), len(pair["rejected"])
+    colors = {"prompt": "#d9d9d9", "chosen": "#9ecae1", "rejected": "#fdae6b", "eos": "#636363", "pad": "white"}
+
+    def text_of(token):
+        return tokenizer.decode([token]).replace("\n", "⏎").strip() or "␣"
+
+    def strip(ax, y, tokens, kinds, label, labels=False):
+        """One row of cells: the tokens (or labels), coloured by what they are."""
+        ax.text(-0.6, y + 0.4, label, ha="right", va="center", fontsize=7)
+        for x, (token, kind) in enumerate(zip(tokens, kinds)):
+            ax.add_patch(Rectangle((x, y), 0.95, 0.8, facecolor=colors[kind], edgecolor="gray", lw=0.4,
+                                   hatch="//" if kind == "pad" else None))
+            word = "-100" if token == IGNORE_INDEX else "pad" if kind == "pad" else "EOS" if token == EOS else text_of(token)
+            ax.text(x + 0.47, y + 0.4, word, ha="center", va="center", fontsize=5.5 if labels else 6,
+                    rotation=90, color="white" if kind == "eos" else "black")
+
+    def kinds_of(ids, labels, response):
+        kinds = []
+        for t, (token, label) in enumerate(zip(ids.tolist(), labels.tolist())):
+            if t >= p - 1 + len(pair[response]):
+                kinds.append("pad")
+            elif t < p:
+                kinds.append("prompt")
+            else:
+                kinds.append(response)
+        return kinds
+
+    fig = plt.figure(figsize=(FIGSIZE[0] * 1.3, FIGSIZE[1] * 1.35))
+    top = fig.add_axes([0.09, 0.6, 0.89, 0.3])
+    rows = [("chosen", stacked_ids[0], stacked_labels[0]), ("rejected", stacked_ids[1], stacked_labels[1])]
+    for i, (response, ids, labels) in enumerate(rows):
+        y = 5.6 - 2.9 * i
+        kinds = kinds_of(ids, labels, response)
+        strip(top, y + 1, ids.tolist(), kinds, f"{response} row: input_ids")
+        label_kinds = ["eos" if lab == EOS else ("pad" if lab == IGNORE_INDEX else response) for lab in labels.tolist()]
+        strip(top, y, labels.tolist(), label_kinds, "labels (shifted by one)", labels=True)
+    top.set_xlim(-0.5, stacked_ids.size(1) + 0.5)
+    top.set_ylim(2.6, 7.5)
+    top.axis("off")
+    top.set_title(f"dpo_batch: chosen and rejected stacked, 2 rows of {stacked_ids.size(1)} tokens; the prompt "
+                  f"({p} tokens) runs twice, the shorter row is padded", fontsize=9, loc="left")
+
+    bottom = fig.add_axes([0.09, 0.06, 0.62, 0.48])
+    segment_kind = ["prompt"] * p + ["chosen"] * (c - 1) + ["rejected"] * (r - 1)
+    strip(bottom, 4.4, packed_ids[0].tolist(), segment_kind, "packed row: input_ids")
+    for x, position in enumerate(positions[0].tolist()):
+        bottom.text(x + 0.47, 4.15, str(position), ha="center", va="center", fontsize=5)
+    bottom.text(-0.6, 4.15, "positions", ha="right", va="center", fontsize=7)
+    for plane, (response, y) in enumerate((("chosen", 2.4), ("rejected", 1.2))):
+        labels = packed_labels[plane, 0].tolist()
+        kinds = ["eos" if lab == EOS else ("pad" if lab == IGNORE_INDEX else response) for lab in labels]
+        strip(bottom, y, labels, kinds, f"{response} plane: labels", labels=True)
+    bottom.set_xlim(-0.5, packed_ids.size(1) + 0.5)
+    bottom.set_ylim(0, 5.4)
+    bottom.axis("off")
+    bottom.set_title(f"packed_dpo_batch (--share_prompt): one row of {packed_ids.size(1)} tokens, the prompt once; "
+                     "each reply continues the prompt's positions", fontsize=9, loc="left")
+    flow = ("sum of the chosen plane's log-probs = log pi(y_w|x);  the same under pi_ref\n"
+            "h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]   ->   "
+            "loss = -log sigmoid(beta h)")
+    bottom.text(-0.5, 0.25, flow, fontsize=8, va="center", family="monospace")
+    bottom.add_patch(FancyArrowPatch((packed_ids.size(1) * 0.5, 1.05), (packed_ids.size(1) * 0.5, 0.6),
+                                     arrowstyle="->", mutation_scale=10, color="black"))
+
+    mask_ax = fig.add_axes([0.76, 0.1, 0.22, 0.4])
+    mask_ax.imshow(attn_mask[0, 0].numpy(), cmap="Greys", interpolation="nearest")
+    for edge in (p - 0.5, p + c - 1.5):
+        mask_ax.axhline(edge, color="tab:red", lw=0.6)
+        mask_ax.axvline(edge, color="tab:red", lw=0.6)
+    mask_ax.set_title("its attention mask (black: query sees key):\nthe prompt, then each reply sees itself",
+                      fontsize=7)
+    mask_ax.set_xlabel("key", fontsize=7)
+    mask_ax.set_ylabel("query", fontsize=7)
+    mask_ax.tick_params(labelsize=5)
+    fig.suptitle(title or f"One HH-RLHF pair (harmless-base test, pair {pair_index}) as a DPO batch: grey prompt, "
+                 "blue chosen, orange rejected, dark EOS, hatched nothing (a curly quote is two byte tokens, �)",
+                 fontsize=10)
+    _save_without_layout(fig, out)
+
+
+def _save_without_layout(fig, out):
+    """save() without tight_layout, for a figure whose axes are placed by hand."""
+    fig.tight_layout = lambda *args, **kwargs: None
     save(fig, out)
 
 
@@ -259,10 +367,17 @@ def parse_args(argv=None):
                         help="a dashed horizontal line on the loss panel; repeat for more")
     frontier = commands.add_parser("frontier", help="oracle reward against KL from sample.py results")
     frontier.add_argument("results", nargs="+", metavar="RESULTS.json")
+    frontier.add_argument("--log_kl", action="store_true", help="a log KL axis")
+    curves_of_sft = commands.add_parser("sft-curves", help="SFT's held-out loss along the SFT-length runs")
+    curves_of_sft.add_argument("results", metavar="SFT_LENGTH.json")
+    rlhf_frontier = commands.add_parser("rlhf-frontier", help="experiments/frontier.py's figure")
+    rlhf_frontier.add_argument("results", metavar="FRONTIER.json")
+    batch = commands.add_parser("batch", help="one real HH pair as dpo_batch and packed_dpo_batch lay it out")
+    batch.add_argument("--pair", type=int, default=1, help="which pair of the shipped HH excerpt's test split")
     length = commands.add_parser("sft-length", help="the SFT-length experiment's figure")
     length.add_argument("results", metavar="SFT_LENGTH.json")
     losses = commands.add_parser("losses", help="dpo_loss and its pull against beta h (no input needed)")
-    for sub in (curves, frontier, length, losses):
+    for sub in (curves, frontier, length, losses, curves_of_sft, rlhf_frontier, batch):
         sub.add_argument("--out", required=True, help="the PNG to write")
         sub.add_argument("--title", default="", help="the figure's title: say what was run")
     return parser.parse_args(argv)
@@ -282,7 +397,13 @@ def main(argv=None):
                     raise UserError(f"--hline {spec!r}: give a number, optionally :LABEL, e.g. 0.155:floor") from None
             plot_curves(runs, args.out, args.title, hlines)
         elif args.command == "frontier":
-            plot_frontier(frontier_points(args.results), args.out, args.title)
+            plot_frontier(frontier_points(args.results), args.out, args.title, args.log_kl)
+        elif args.command == "sft-curves":
+            plot_sft_curves(args.results, args.out, args.title)
+        elif args.command == "rlhf-frontier":
+            plot_rlhf_frontier(args.results, args.out, args.title)
+        elif args.command == "batch":
+            plot_batch(args.pair, args.out, args.title)
         elif args.command == "losses":
             plot_losses(args.out, args.title)
         else:

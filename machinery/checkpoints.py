@@ -166,7 +166,7 @@ class OutDir:
             return f"no checkpoint was saved in {self.path} by this run"
         return f"the last checkpoint, step {self.saved_step}, which passed the health check, is kept in {self.ckpt}{self.note}"
 
-    def save(self, step, model, optimizer, scaler, fingerprints):
+    def save(self, step, model, optimizer, scaler, fingerprints, extra=None):
         """Process 0 writes OUT_DIR/ckpt.pt; under torchrun the others wait until it has (or has failed).
         Step 0 (nothing trained yet) and the step already on disk are not written again. The caller
         (run.Run.checkpoint) has checked the weights first."""
@@ -175,7 +175,7 @@ class OutDir:
         failure = None
         if self.compute.master:
             try:
-                save_checkpoint(self.path, model, optimizer, scaler, step, self.args, self.stage, fingerprints)
+                save_checkpoint(self.path, model, optimizer, scaler, step, self.args, self.stage, fingerprints, extra)
             except Exception as e:  # a full disk or a quota: OSError, or RuntimeError from torch.save
                 failure = UserError(f"could not write the step-{step} checkpoint to {self.ckpt} ({_reason(e)}; "
                                     f"it needs about {_checkpoint_mb(model, optimizer):.0f} MB, "
@@ -231,9 +231,10 @@ def atomic_write(path, write):
             pass
 
 
-def save_checkpoint(out_dir, model, optimizer, scaler, iteration, args, stage=None, fingerprints=None):
+def save_checkpoint(out_dir, model, optimizer, scaler, iteration, args, stage=None, fingerprints=None, extra=None):
     """OUT_DIR/ckpt.pt of plain types only, so torch.load(..., weights_only=True) reads it. Scripts
-    compile in place (model.compile()), so the state_dict keys are the plain model's."""
+    compile in place (model.compile()), so the state_dict keys are the plain model's. extra: more objects
+    with a state_dict (rlhf.py's value model and its optimizer), saved by name."""
     flags = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
     checkpoint = {
         "model": model.state_dict(),
@@ -245,6 +246,7 @@ def save_checkpoint(out_dir, model, optimizer, scaler, iteration, args, stage=No
         "args": flags,
         "paths": {name: resolved(flags[name]) for name in PATH_FLAGS if isinstance(flags.get(name), str)},
         "fingerprints": fingerprints or {},
+        "extra": {name: part.state_dict() for name, part in (extra or {}).items()},
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
@@ -316,11 +318,13 @@ def check_fingerprints(saved, now, data_source):
                         "fixed reference: resume against the same one, or start a new run in another --out_dir")
 
 
-def resume(out_dir, model, optimizer, scaler):
-    """Load the checkpoint OutDir checked into model, optimizer and scaler, restore the RNGs; the step
-    to go on from."""
+def resume(out_dir, model, optimizer, scaler, extra=None):
+    """Load the checkpoint OutDir checked into model, optimizer, scaler and the extra objects, restore the
+    RNGs; the step to go on from."""
     path, checkpoint = out_dir.ckpt, out_dir.checkpoint
     load_weights(model, checkpoint["model"], where=path)
+    for name, part in (extra or {}).items():
+        part.load_state_dict(checkpoint.get("extra", {})[name])
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (ValueError, KeyError) as e:

@@ -57,13 +57,15 @@ class Run:
                 return self.stack.__exit__(*sys.exc_info())
         return self.stack.__exit__(exc_type, exc, traceback)
 
-    def start(self, model, optimizer, evaluate, held_out, data=None, examples=None, reference=None):
+    def start(self, model, optimizer, evaluate, held_out, data=None, examples=None, reference=None, extra=None,
+              health=None):
         """Check that --batch_size fits the training examples (their number); resume (with --resume) after
         checking that the data (tokenized training pairs) and the reference ((path, model)) are what the
         run started with; set up the health check on held_out, a batch of (input_ids, labels); open
-        log.jsonl. evaluate() -> {metric: value} is what each checkpoint logs. Returns the step to start
-        from. The run's first write."""
-        self.evaluate = evaluate
+        log.jsonl. evaluate() -> {metric: value} is what each checkpoint logs; extra: {name: object with a
+        state_dict} saved and resumed beside the model; health: (measure, uniform) for a model that writes no
+        text (runlog.Health). Returns the step to start from. The run's first write."""
+        self.evaluate, self.extra = evaluate, extra
         if examples is not None:
             batch_indices(examples, self.args.batch_size, 0, self.args.seed)  # refuses a batch larger than them
         self.model, self.optimizer = model, optimizer
@@ -75,9 +77,9 @@ class Run:
         start = 0
         if self.args.resume:
             check_fingerprints(self.out.checkpoint.get("fingerprints", {}), self.fingerprints, self.args.data)
-            start = resume(self.out, model, optimizer, self.compute.scaler)
+            start = resume(self.out, model, optimizer, self.compute.scaler, extra)
         self.start_step = start
-        self.health = Health(held_out, self.compute, model)
+        self.health = Health(held_out, self.compute, model, *(health or ()))
         model.grad_checkpoint = self.args.grad_checkpoint  # recompute each block in backward: memory for compute
         if self.args.compile:  # in place: state_dict keys stay the same
             model.compile()
@@ -134,7 +136,7 @@ class Run:
 
     def _save(self, step):
         self.out.note = self.watch.note() if hasattr(self.watch, "note") else ""
-        self.out.save(step, self.model, self.optimizer, self.compute.scaler, self.fingerprints)
+        self.out.save(step, self.model, self.optimizer, self.compute.scaler, self.fingerprints, self.extra)
 
     def finish(self):
         """After the loop: the last steps' checkpoint, evaluated, checked and saved. True if the run is

@@ -95,22 +95,26 @@ class Health:
     (input_ids, labels), scored on its labelled tokens) a finite loss of at most `cut` nats per token: a
     uniform guess over the vocabulary (UNIFORM_NLL, 10.8 nats), for a model that does worse on such text
     has lost all it knew; or, for a run from random weights, which starts at about that, its start plus
-    one nat (e times less likely per token than where it began)."""
+    one nat (e times less likely per token than where it began). A model that writes no text (a reward
+    model) gives its own measure(model, held_out) and the loss of a uniform guess (ln 2 for a pair)."""
 
-    def __init__(self, held_out, compute, model):
+    def __init__(self, held_out, compute, model, measure=None, uniform=UNIFORM_NLL):
         self.held_out = [t.to(compute.device) for t in held_out]
-        self.compute = compute
-        self.cut = max(UNIFORM_NLL, self.nll_per_token(model) + 1)
+        self.compute, self.measure, self.uniform = compute, measure, uniform
+        self.cut = max(uniform, self.nll_per_token(model) + 1)
 
     @torch.no_grad()
     def nll_per_token(self, model):
         training = model.training
         model.eval()
-        input_ids, labels = self.held_out
         with self.compute.autocast:
-            total = model(input_ids, labels).sum().item()
+            if self.measure is not None:
+                loss = self.measure(model, self.held_out)
+            else:
+                input_ids, labels = self.held_out
+                loss = -model(input_ids, labels).sum().item() / max(1, (labels != IGNORE_INDEX).sum().item())
         model.train(training)
-        return -total / max(1, (labels != IGNORE_INDEX).sum().item())
+        return loss
 
     def check(self, model, step, metrics, last_saved):
         """Raise a UserError that stops the run if the held-out loss is not finite or the model has diverged."""
@@ -122,7 +126,7 @@ class Health:
                                                                          if self.compute.dtype == "float16" else ""))
             raise UserError(f"the held-out loss is {loss} at step {step}: stopped; {last_saved}. {cause}")
         if self.compute.any(not nll <= self.cut):  # `not <=`: nan fails too
-            limit = "a uniform guess over the vocabulary" if self.cut == UNIFORM_NLL else "its start by over a nat"
+            limit = "a uniform guess" if self.cut == self.uniform else "its start by over a nat"
             raise UserError(f"at step {step} the model gives held-out text it learns to write {nll:.4g} nats per "
                             f"token, worse than {limit} ({self.cut:.1f}): it has diverged. Stopped; {last_saved}. "
                             "Try a lower --lr")

@@ -1,0 +1,99 @@
+"""rlhf.py: what DPO replaced, checked piece by piece. GAE against a hand computation, the clipped surrogate's
+zero gradient past the clip, the sign of the KL penalty, the reward model's ln 2 at the start and its
+held-out accuracy after training, PPO-GT raising the oracle reward, resume, and on-policy pairs dpo.py reads."""
+import json
+import math
+
+import pytest
+import torch
+
+import dpo
+import rlhf
+from conftest import read_log
+from machinery.checkpoints import load_checkpoint
+from model import GPTConfig
+
+
+def test_gae_equals_a_hand_computed_three_step_reply():
+    # a prompt position (masked), three reply tokens, one padding position; gamma 0.9, lambda 0.8
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
+    rewards = torch.tensor([[0.0, 0.1, -0.2, 1.0, 0.0]])
+    values = torch.tensor([[9.0, 0.5, 0.4, 0.3, 0.0]]) * mask
+    advantages, returns = rlhf.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # by hand: delta_3 = 1.0 - 0.3 = 0.7; delta_2 = -0.2 + 0.9 * 0.3 - 0.4 = -0.33; delta_1 = 0.1 + 0.9 * 0.4 - 0.5
+    # = -0.04; A_3 = 0.7, A_2 = -0.33 + 0.72 * 0.7 = 0.174, A_1 = -0.04 + 0.72 * 0.174 = 0.08528
+    torch.testing.assert_close(advantages, torch.tensor([[0.0, 0.08528, 0.174, 0.7, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.0, 0.58528, 0.574, 1.0, 0.0]]))
+
+
+def test_the_clipped_surrogate_stops_pulling_past_the_clip():
+    old = torch.zeros(4)
+    # ratios 1.5 and 0.5 are past a clip of 0.2; 1.1 and 0.9 inside it
+    new = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.9])).requires_grad_(True)
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])  # each pushes its ratio further the same way
+    rlhf.ppo_loss(new, old, advantages, torch.ones(4), clip=0.2).backward()
+    assert new.grad[0] == 0 and new.grad[1] == 0  # past the clip in the advantage's direction: no gradient
+    assert new.grad[2] < 0 and new.grad[3] > 0   # inside it: raise the good token, lower the bad one
+    new.grad = None
+    rlhf.ppo_loss(new, old, -advantages, torch.ones(4), clip=0.2).backward()  # the other direction: unclipped
+    assert new.grad[0] > 0 and new.grad[1] < 0
+
+
+def test_the_kl_penalty_lowers_the_reward_of_tokens_the_policy_likes_more_than_the_reference():
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    policy = torch.tensor([[0.0, -1.0, -2.0, 0.0]])
+    reference = torch.tensor([[0.0, -3.0, -1.0, 0.0]])  # token 1: policy likes it more; token 2: less
+    rewards = rlhf.kl_penalized_rewards(policy, reference, torch.tensor([5.0]), mask, kl_coef=0.1)
+    torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.2, 0.1 + 5.0, 0.0]]))  # the score at the last token
+
+
+def test_a_reward_model_with_a_constant_head_has_loss_ln2():
+    torch.manual_seed(0)
+    reward_model = rlhf.Scalar(GPTConfig(block_size=32, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
+    pairs = [{"prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6, 7, 8]}, {"prompt": [9], "chosen": [10], "rejected": [11]}]
+    chosen, rejected = rlhf.pair_scores(reward_model, pairs, "cpu")
+    assert torch.equal(rlhf.reward_loss(chosen, rejected), torch.full((2,), math.log(2)))
+
+
+@pytest.fixture(scope="module")
+def reward_dir(toy_models, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("rlhf") / "reward"
+    rlhf.main(["reward", "--demo", "--init", toy_models["sft"], "--max_iters", "12", "--eval_interval", "6",
+               "--eval_batches", "4", "--batch_size", "8", "--lr", "3e-3", "--warmup", "2", "--out_dir", str(out_dir)])
+    return out_dir
+
+
+def test_the_reward_model_beats_chance_on_held_out_toy_pairs(reward_dir):
+    evals = read_log(reward_dir, "test")
+    assert [e["iter"] for e in evals] == [0, 6, 12]
+    assert evals[0]["loss"] == pytest.approx(math.log(2)) and evals[0]["accuracy"] == 0.0  # a constant: no order
+    assert evals[-1]["accuracy"] > 0.9 and evals[-1]["loss"] < 0.5  # on 32 held-out pairs it has never seen
+    assert load_checkpoint(reward_dir / "ckpt.pt")["stage"] == "reward"
+
+
+def test_ppo_on_the_true_reward_raises_it_and_resumes_exactly(toy_models, tmp_path):
+    flags = ["ppo", "--demo", "--oracle", "--init", toy_models["sft"], "--batch_size", "16", "--eval_interval", "4",
+             "--eval_prompts", "32", "--lr", "1e-4", "--warmup", "1", "--kl_coef", "0.05", "--seed", "3"]
+    rlhf.main(flags + ["--max_iters", "8", "--out_dir", str(tmp_path / "straight")])
+    evals = read_log(tmp_path / "straight", "test")
+    assert evals[-1]["oracle_reward"] > evals[0]["oracle_reward"] + 0.2  # PPO-GT: the oracle's reward goes up
+    assert evals[-1]["kl"] > evals[0]["kl"]  # and the policy moved from the reference to get it
+    rlhf.main(flags + ["--max_iters", "4", "--out_dir", str(tmp_path / "resumed")])
+    rlhf.main(flags + ["--max_iters", "8", "--out_dir", str(tmp_path / "resumed"), "--resume"])
+    straight, resumed = read_log(tmp_path / "straight", "train"), read_log(tmp_path / "resumed", "train")
+    for a, b in zip(straight, resumed):  # the value model and its optimizer come back too
+        assert a["loss"] == b["loss"] and a["value_loss"] == b["value_loss"], a["iter"]
+
+
+def test_ppo_against_the_reward_model_and_on_policy_pairs_that_dpo_trains_on(toy_models, reward_dir, tmp_path):
+    rlhf.main(["ppo", "--demo", "--init", toy_models["sft"], "--reward", str(reward_dir), "--batch_size", "8",
+               "--max_iters", "2", "--eval_interval", "0", "--eval_prompts", "8", "--out_dir", str(tmp_path / "ppo")])
+    record = read_log(tmp_path / "ppo", "train")[-1]
+    assert all(math.isfinite(record[k]) for k in ("loss", "value_loss", "reward", "kl"))
+    pairs = tmp_path / "pairs.jsonl"
+    rlhf.main(["pairs", "--init", toy_models["sft"], "--num_prompts", "60", "--out", str(pairs)])
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert 20 <= len(rows) <= 60 and all(rlhf.toy_reward(r["chosen"]) > rlhf.toy_reward(r["rejected"]) for r in rows)
+    dpo.main(["--demo", "--init", toy_models["sft"], "--data", str(pairs), "--max_iters", "1", "--eval_batches", "1",
+              "--batch_size", "4", "--out_dir", str(tmp_path / "dpo")])
+    assert load_checkpoint(tmp_path / "dpo" / "ckpt.pt")["iter"] == 1
