@@ -1,11 +1,10 @@
 """Preference data: pairs of replies to one prompt, the tokens they become, and which tokens are trained on.
 
-Most DPO bugs are data bugs (a wrong prompt/response boundary, an EOS never trained, padding counted as
-response, truncation cutting the wrong end), so every step is explicit and tested: load_preferences (text)
--> tokenize_pairs (token ids, EOS appended, truncated) -> sft_examples and collate, or dpo_batch (input_ids,
-and labels shifted by one, IGNORE_INDEX on prompt and padding). `python data.py --inspect --data toy` shows
-a source's first pair token by token; every source but `toy` is read by machinery/formats.py.
-"""
+Most DPO bugs are data bugs (a wrong prompt/response boundary, an EOS never trained, padding counted as response,
+truncation cutting the wrong end), so every step is explicit and tested: load_preferences (text) -> tokenize_pairs
+(token ids, EOS appended, truncated) -> sft_examples and collate, or dpo_batch (input_ids, and labels shifted by one,
+IGNORE_INDEX on prompt and padding). `python data.py --inspect --data toy` shows a source's first pair token by token;
+every source but `toy` is read by machinery/formats.py."""
 import random
 import re
 
@@ -98,17 +97,15 @@ def toy_reward(text):
 # Text -> tokens, with truncation
 
 def tokenize_pairs(pairs, max_len=512, max_prompt_len=256, tokenizer=None, verbose=True):
-    """Token ids per pair: {"prompt", "chosen", "rejected"}; each response ends in EOS.
+    """Token ids per pair: {"prompt", "chosen", "rejected"}; each response ends in EOS. Prompt and responses
+    are encoded apart and joined, so the boundary is exact (encoding the joined text could merge the prompt's
+    last characters and the response's first into one token).
 
-    Prompt and responses are encoded separately and joined, so the boundary is exact (encoding the
-    joined text could merge the prompt's last characters with the response's first into one token).
-
-    Truncation, when prompt + longer response exceeds max_len: 1) the prompt keeps its last max_prompt_len
-    tokens (the end of a conversation is what the reply answers), as the authors' code does for HH; 2) if
-    the pair still does not fit, both responses keep their first max_len - len(prompt) tokens (and lose
-    their EOS; the authors' code keeps max_len - max_prompt_len, the same after step 1). A pair whose two
-    responses became identical is dropped: there is nothing left to prefer.
-    """
+    When prompt + longer response exceeds max_len: 1) the prompt keeps its last max_prompt_len tokens (the
+    end of a conversation is what the reply answers), as the authors' code does for HH; 2) if it still does
+    not fit, both responses keep their first max_len - len(prompt) tokens (and lose their EOS; the authors'
+    code keeps max_len - max_prompt_len, the same after step 1). A pair whose two responses became identical
+    is dropped: there is nothing left to prefer."""
     assert 0 < max_prompt_len < max_len, (max_prompt_len, max_len)
     tokenizer = tokenizer or get_tokenizer()
     encode = tokenizer.encode_ordinary_batch  # ordinary: "<|endoftext|>" inside text stays plain text
@@ -117,7 +114,7 @@ def tokenize_pairs(pairs, max_len=512, max_prompt_len=256, tokenizer=None, verbo
     rejecteds = encode([p["rejected"] for p in pairs])
     out, prompts_cut, responses_cut = [], 0, 0
     for prompt, chosen, rejected in zip(prompts, chosens, rejecteds):
-        # an empty prompt starts from EOS (GPT-2 has no BOS): the first response token needs a position
+        # an empty prompt starts from EOS (GPT-2 has no start token): the first response token needs a position
         # before it to be predicted from
         prompt = prompt or [EOS]
         chosen, rejected = chosen + [EOS], rejected + [EOS]

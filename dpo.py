@@ -29,7 +29,7 @@ from machinery.run import Run
 from machinery.runlog import Runaway
 
 # The paper's settings (sec. 6 and app. B): beta 0.1, batch 64, RMSprop at lr 1e-6 with 150 warmup steps;
-# one epoch of HH's 160k pairs is 2,500 steps of 64.
+# one epoch of HH's 161k pairs is about 2,500 steps of 64.
 DEFAULTS = dict(init="out/sft", data="Anthropic/hh-rlhf", batch_size=8, grad_accum=8, max_len=512, lr=1e-6,
                 warmup=150, max_iters=2500, eval_interval=250, optimizer="rmsprop", beta=0.1)
 # --demo: the toy task from the demo's SFT model, on a CPU.
@@ -42,14 +42,11 @@ def parse_args(argv=None):
     parser = cli.training_parser(__doc__, DEFAULTS, DEMO)
     parser.add_argument("--beta", type=cli.positive, help="the KL constraint: small beta lets the policy move far")
     parser.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"], help="DPO's eq. 7, or IPO's")
-    parser.add_argument("--label_smoothing", type=cli.fraction(0, 0.5), default=0.0,
-                        help="conservative DPO: the probability that a preference label is flipped")
+    parser.add_argument("--label_smoothing", type=cli.fraction(0, 0.5), default=0.0, help="cDPO: P(label is wrong)")
     parser.add_argument("--ref", help="the frozen reference (default: --init)")
     parser.add_argument("--optimizer", choices=["rmsprop", "adamw"], help="rmsprop, as in the paper, or adamw")
-    parser.add_argument("--precompute_ref", action="store_true", help="score every pair with the reference once, "
-                        "first: one model in memory")
-    parser.add_argument("--share_prompt", action="store_true", help="each pair as one row, its prompt once: same "
-                        "log-probs, fewer tokens")
+    parser.add_argument("--precompute_ref", action="store_true", help="pi_ref scores all pairs up front: less memory")
+    parser.add_argument("--share_prompt", action="store_true", help="a pair as one row, its prompt once: fewer tokens")
     parser.add_argument("--swap", action="store_true", help="prefer the rejected responses: the \"bad\" model")
     args = cli.parse(parser, DEMO, argv)
     if args.label_smoothing and args.loss_type == "ipo":
@@ -94,13 +91,10 @@ def reward_accuracy(chosen_rewards, rejected_rewards):
 
 
 def pair_logps(model, batch):
-    """log pi(y_w|x) and log pi(y_l|x) of each pair, from ONE forward pass over the batch.
-
-    The batch is dpo_batch's 2B rows, chosen rows first (or --share_prompt's packed rows, labels (2, B, W)).
-    log pi(y|x) is the *sum* of the response tokens' log-probs, in fp32: the paper's quantity. A mean over
-    tokens instead (as some libraries take) is no log-ratio of sequence probabilities, so the loss is no
-    longer eq. 7; it acts like a beta |y| times smaller, and reweights pairs whose |y_w| and |y_l| differ.
-    """
+    """log pi(y_w|x) and log pi(y_l|x) of each pair, from ONE forward pass over dpo_batch's 2B rows, chosen
+    first (or --share_prompt's packed rows, labels (2, B, W)). log pi(y|x) is the *sum* of the response tokens'
+    log-probs, in fp32: the paper's quantity. A mean over tokens (as some libraries take) is no log-ratio of
+    sequence probabilities: it acts like a beta |y| times smaller, and reweights pairs whose |y_w|, |y_l| differ."""
     logps = model(*batch).sum(dim=-1).view(2, -1)  # (2, B): the forward with labels gives log-probs
     return logps[0], logps[1]
 
@@ -111,9 +105,9 @@ def get_lr(step, args):
 
 
 def freeze(reference, device, dtype):
-    """pi_ref is fixed: the objective (eq. 3) is a KL to it, and a reference that moved with the policy would
-    change the problem (h would stay 0). On a GPU it needs no fp32 copy: the training dtype halves its memory
-    (step 0's rewards are then near 0, not exactly 0)."""
+    """pi_ref is fixed: the objective (eq. 3) is a KL to it. A reference that moved with the policy would change
+    the problem: h would stay 0, and a constant pull with no brake would move the policy (exercise 2). On a GPU
+    it needs no fp32 copy: the training dtype halves its memory (step 0's rewards are then near 0, not 0)."""
     reference.eval().requires_grad_(False)
     if device.startswith("cuda") and dtype != "float32":
         reference.to(getattr(torch, dtype))

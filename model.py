@@ -1,10 +1,8 @@
 """GPT-2, written out: the transformer, the log-probability of labels, OpenAI's weights, and sampling.
 
-Module names equal Hugging Face's GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...), so
-loading the published weights is one renaming loop and four transposes. The numerics are GPT-2's (tanh
-GELU, LayerNorm eps 1e-5, biases everywhere, tied input and output embeddings): tests/test_model.py
-proves our logits equal `transformers.GPT2LMHeadModel`'s.
-"""
+Module names equal Hugging Face's GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...), so loading the
+published weights is one renaming loop and four transposes. The numerics are GPT-2's (tanh GELU, LayerNorm eps
+1e-5, biases, tied embeddings): tests/test_model.py proves our logits equal `transformers.GPT2LMHeadModel`'s."""
 import json
 import math
 import os
@@ -37,7 +35,6 @@ GPT2_SIZES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
 }
-HUB_REPO = "openai-community/{}"  # where the Hugging Face hub keeps them
 
 
 class CausalSelfAttention(nn.Module):
@@ -67,11 +64,10 @@ class CausalSelfAttention(nn.Module):
                 v = torch.cat([past_v, v], dim=2)
             kv_cache[self.layer_idx] = (k, v)
         dropout = self.dropout if self.training else 0.0
-        if attn_mask is None:  # the causal mask as one flag: SDPA then picks flash kernels where it can
-            assert past == 0, "after a KV cache the mask must be given (generate gives it)"
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        else:  # who sees whom is given: padded rows in generate, packed rows (machinery/fast.py)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        # no mask: causal, as one flag (scaled_dot_product_attention then picks flash kernels); a mask says who sees whom
+        # (generate's padded rows, machinery/fast.py's packed rows) and must be given after a KV cache
+        assert attn_mask is not None or past == 0, "after a KV cache the mask must be given (generate gives it)"
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -130,16 +126,11 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):  # GPT-2 scales residual projections by 1/sqrt(2 * n_layer)
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+    def _init_weights(self, module):  # GPT-2's: N(0, 0.02) weights, zero biases
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())  # the tied head is counted once
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def forward(self, idx, labels=None, positions=None, attn_mask=None, kv_cache=None):
         """Without labels: the logits at every position, (B, T, vocab_size).
@@ -174,10 +165,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generators=None,
                  stop=None, eos_token=50256):
-        """Sample a continuation of every prompt (a list of token ids) at once; returns each one's new tokens.
-        A row stops after eos_token, when stop(its new tokens) says so, or at block_size. Shorter prompts are
-        padded on the left, masked out, and each row's positions count from its first real token; with one
-        torch.Generator a row (generators), every row gets what it would get alone (tests/test_model.py)."""
+        """Continue every prompt (a list of token ids) at once; returns each one's new tokens. A row stops after
+        eos_token, when stop(its new tokens) says so, or at block_size. Shorter prompts are padded on the left and
+        masked out; with a torch.Generator a row, each row gets what it would get alone (tests/test_model.py)."""
         device, longest = self.transformer.wte.weight.device, max(len(p) for p in prompts)
         max_new_tokens = min(max_new_tokens, self.config.block_size - longest)
         # (B, T), padded on the left with token 0: any id would do, the padding is masked out of attention
@@ -192,8 +182,9 @@ class GPT(nn.Module):
             queries = keys[start:, None]  # (T - start, 1)
             # a query sees the real tokens up to itself, and itself (so that a padding query sees one key)
             sees = (keys <= queries) & (real[:, None, :] | (keys == queries))  # (B, T - start, T)
-            logits = self(idx[:, start:], positions=positions[:, start:], attn_mask=sees[:, None], kv_cache=kv_cache)
-            tokens = sample_tokens(logits[:, -1].float(), temperature, top_k, top_p, generators)
+            hidden = self.hidden_states(idx[:, start:], positions[:, start:], sees[:, None], kv_cache)
+            logits = self.lm_head(hidden[:, -1]).float()  # (B, vocab): the head on the last position only
+            tokens = sample_tokens(logits, temperature, top_k, top_p, generators)
             for row, token in enumerate(tokens):
                 if not done[row]:
                     new[row].append(token)
@@ -213,20 +204,16 @@ class GPT(nn.Module):
         if name_or_dir in GPT2_SIZES:
             from huggingface_hub import hf_hub_download
             config = GPTConfig(**GPT2_SIZES[name_or_dir])
-            path = hf_hub_download(repo_id=HUB_REPO.format(name_or_dir), filename="model.safetensors")
+            path = hf_hub_download(repo_id=f"openai-community/{name_or_dir}", filename="model.safetensors")
         else:
             with open(os.path.join(name_or_dir, "config.json")) as f:
-                config = config_from_hf(json.load(f))
+                hf = json.load(f)  # Hugging Face's names for our GPTConfig's fields
+            config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                               n_head=hf["n_head"], n_embd=hf["n_embd"])
             path = os.path.join(name_or_dir, "model.safetensors")
         model = cls(config)
         model.load_state_dict(from_hf(load_file(path)))
         return model
-
-
-def config_from_hf(hf):
-    """Our GPTConfig from the fields of a Hugging Face GPT-2 config.json."""
-    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"])
 
 
 # GPT-2's original code used Conv1D layers, whose weights are stored (in, out): nn.Linear wants (out, in)

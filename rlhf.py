@@ -25,16 +25,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import (EOS, batch_indices, collate, get_tokenizer, inputs_and_labels, load_preferences, sft_examples,
+from data import (batch_indices, collate, get_tokenizer, inputs_and_labels, load_preferences, sft_examples,
                   tokenized_splits, toy_reward)
 from dpo import freeze, get_lr
+from sample import complete
 from machinery import UserError, cli
 from machinery.checkpoints import atomic_write, load_checkpoint, load_model, load_weights, open_model
 from machinery.compute import make_optimizer, optimizer_step, set_lr
 from machinery.run import Run
 from model import GPT, IGNORE_INDEX, GPTConfig
-
-STOP_TEXT = "\n\nHuman:"  # a reply that starts the user's next turn is over (as in sample.py)
 
 
 class Scalar(nn.Module):
@@ -51,9 +50,6 @@ class Scalar(nn.Module):
 
     def forward(self, idx):
         return self.head(self.gpt.hidden_states(idx)).squeeze(-1).float()  # (B, T)
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
 
 
 def scalar_from(gpt):
@@ -201,10 +197,8 @@ def rollouts(policy, prompts, args, step, tokenizer):
     generators = [torch.Generator(device=args.device).manual_seed(args.seed * 100003 + step * len(prompts) + i)
                   for i in range(len(prompts))]
     policy.eval()
-    new = policy.generate(prompts, args.max_new_tokens, generators=generators,
-                          stop=lambda ids: STOP_TEXT in tokenizer.decode(ids[-4:]))
+    new, texts = complete(policy, prompts, tokenizer, generators, args.max_new_tokens)
     policy.train()
-    texts = [tokenizer.decode([t for t in ids if t != EOS]).split(STOP_TEXT)[0] for ids in new]
     return new, texts
 
 
@@ -323,9 +317,7 @@ def write_pairs(args):
         for copy_number in range(2):
             generators = [torch.Generator().manual_seed(args.seed * 1000003 + 2 * (start + i) + copy_number)
                           for i in range(len(batch))]
-            new = policy.generate(batch, args.max_new_tokens, generators=generators,
-                                  stop=lambda ids: STOP_TEXT in tokenizer.decode(ids[-4:]))
-            samples.append([tokenizer.decode([t for t in ids if t != EOS]).split(STOP_TEXT)[0] for ids in new])
+            samples.append(complete(policy, batch, tokenizer, generators, args.max_new_tokens)[1])
         for text, a, b in zip(texts[start:start + args.batch_size], *samples):
             if toy_reward(a) == toy_reward(b):
                 ties += 1  # the oracle prefers neither: no pair
@@ -346,7 +338,7 @@ def write_pairs(args):
 
 REWARD = dict(init="out/sft", data="Anthropic/hh-rlhf", batch_size=8, grad_accum=8, max_len=512, lr=1e-5, warmup=50,
               max_iters=500, eval_interval=100)
-REWARD_DEMO = dict(init="out/demo/sft", data="toy", batch_size=16, grad_accum=1, max_len=64, lr=1e-4, warmup=10,
+REWARD_DEMO = dict(init="out/demo/sft", data="toy", batch_size=16, grad_accum=1, max_len=64, lr=3e-3, warmup=10,
                    max_iters=100, eval_interval=25, device="cpu")
 PPO = dict(init="out/sft", data="Anthropic/hh-rlhf", batch_size=16, grad_accum=1, max_len=512, lr=1e-6, warmup=10,
            max_iters=200, eval_interval=25)

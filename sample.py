@@ -1,25 +1,20 @@
-"""Samples from several models side by side, and what DPO changed. Every model gets the same prompts and,
-per prompt, the same random seed, so the completions differ by the weights alone. Means come with their
-standard error ("+-"). KL from the reference is estimated on the model's own samples y ~ pi, as the mean of
-sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)] (the x-axis of the paper's fig. 2; plain sampling
-only, temperature 1). Samples stop at --max_new_tokens or the next "Human:" turn, so it is the KL of the cut
-replies, a lower bound; one sample's term can be negative, their mean estimates a KL, which never is. The
-oracle reward is the toy task's data.toy_reward; held-out accuracy, the share of --data's test pairs whose
-chosen reply has the higher implicit reward log(pi / pi_ref) (beta, a positive factor, cannot change that).
+"""Samples from several models side by side, and what DPO changed. Every model gets the same prompts and, per
+prompt, the same random seed, so the completions differ by the weights alone; means come with their standard
+error ("+-"). KL from the reference: the mean over the model's own samples y ~ pi (temperature 1, all tokens) of
+sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)], the x-axis of the paper's fig. 2 (of the replies as
+cut at --max_new_tokens or the next "Human:" turn: a lower bound). The oracle reward is data.toy_reward;
+held-out accuracy, the share of --data's test pairs whose chosen reply has the higher log(pi / pi_ref).
 
     python sample.py --demo        # every run in out/demo, side by side -> out/demo/samples.md and .json
     python sample.py --model sft=out/sft --model dpo=out/dpo --data Anthropic/hh-rlhf
 """
 import torch
 
-from data import EOS, collate, dpo_batch, get_tokenizer, inputs_and_labels, load_preferences, toy_reward, tokenize_pairs
+from data import EOS, HUMAN, collate, dpo_batch, get_tokenizer, inputs_and_labels, load_preferences, toy_reward
 from dpo import pair_logps, reward_accuracy
 from machinery import results
 from machinery.checkpoints import open_model
 from machinery.cli import ArgumentParser, HelpFormatter, at_least, description, fraction, not_negative, user_errors
-
-STOP_TEXT = "\n\nHuman:"
-
 
 def parse_args(argv=None):
     p = ArgumentParser(description=description(__doc__), formatter_class=HelpFormatter)
@@ -27,10 +22,7 @@ def parse_args(argv=None):
     p.add_argument("--model", action="append", default=[], metavar="[LABEL=]MODEL", help="a checkpoint or "
                    "Hugging Face directory, or a GPT-2 name; repeat for more (default: with --demo, out/demo/*)")
     p.add_argument("--ref", help="the reference for KL and accuracy (default: the first --model)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for more (default: none)")
-    p.add_argument("--prompts_file", help="prompts separated by lines that are exactly --- (default: none)")
     p.add_argument("--data", help="prompts from this source's test split, and accuracy (default: toy with --demo)")
-    p.add_argument("--test_split", default="test", help="the held-out split's name in --data")
     p.add_argument("--num_prompts", type=at_least(1), help="prompts taken from --data (default: 8; 64 with --demo)")
     p.add_argument("--max_new_tokens", type=at_least(1), help="tokens a sample, at most (default: 128; 40 with --demo)")
     p.add_argument("--temperature", type=not_negative, default=1.0, help="0 is greedy; the KL needs 1")
@@ -38,11 +30,16 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=fraction(0, 1, True), help="sample from the likeliest tokens that make up this "
                    "much probability (default: 1, all)")
     p.add_argument("--seed", type=int, default=1337, help="prompt i is sampled with seed + i, for every model")
-    p.add_argument("--device", default="auto", help="auto (cuda if there is one, else cpu), cpu, cuda, ...")
-    p.add_argument("--results_dir", help="where NAME.md, .json, .jsonl go (default: out/samples; out/demo with --demo)")
-    p.add_argument("--name", help="the results' file name (default: samples)")
-    p.add_argument("--show", type=at_least(0), default=3, help="prompts printed side by side on the console")
+    results.add_io_flags(p)  # --test_split, --prompt(s_file), --device, --results_dir, --name, --show
     return results.checked(p, p.parse_args(argv))
+
+
+@torch.no_grad()
+def complete(model, prompts, tokenizer, generators, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+    """A reply to each prompt (token ids), a generator a row: (new tokens, the text up to the next "Human:")."""
+    new = model.generate(prompts, max_new_tokens, temperature, top_k, top_p, generators,
+                         stop=lambda new_ids: HUMAN in tokenizer.decode(new_ids[-4:]))
+    return new, [tokenizer.decode([t for t in ids if t != EOS]).split(HUMAN)[0] for ids in new]
 
 
 @torch.no_grad()
@@ -70,20 +67,15 @@ def compare(args):
     models = {label: open_model(path).to(args.device).eval() for label, path in args.models}
     reference = models[args.ref] if args.ref in models else open_model(args.ref).to(args.device).eval()
     prompts, encoded = results.prompts(args, held_out, tokenizer, [*models.values(), reference])
-    pairs = tokenize_pairs(held_out[:256], 512, 256, tokenizer, verbose=False) if held_out else []
-    fits = reference.config.block_size  # a toy model's context is short: pairs that do not fit are left out
-    pairs = [p for p in pairs if len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) <= fits]
+    pairs = results.accuracy_pairs(held_out, tokenizer, reference.config.block_size)  # up to 256, as tokens
     reference_logps = held_out_logps(reference, pairs, args.device) if pairs else None
-
-    def stop(new_ids):  # the model began the user's next turn: the reply is over
-        return STOP_TEXT in tokenizer.decode(new_ids[-4:])
 
     samples, summary = {}, {}
     for label, model in models.items():
         # all prompts at once, each with its own seed, so the batch changes no sample
         generators = [torch.Generator(device=args.device).manual_seed(args.seed + i) for i in range(len(encoded))]
-        new = model.generate(encoded, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generators, stop)
-        texts = [tokenizer.decode([t for t in ids if t != EOS]).split(STOP_TEXT)[0] for ids in new]
+        new, texts = complete(model, encoded, tokenizer, generators, args.max_new_tokens, args.temperature,
+                              args.top_k, args.top_p)
         # KL: log pi(y) - log pi_ref(y) on the model's own samples
         kls = [a - b for a, b in zip(response_logps(model, encoded, new, args.device),
                                      response_logps(reference, encoded, new, args.device))]

@@ -1,4 +1,4 @@
-"""Stage 1: supervised fine-tuning (SFT) on the preferred responses, which makes the reference policy pi_ref.
+"""Stage 1: supervised fine-tuning (SFT) on the preferred responses (--target), which makes the reference pi_ref.
 
 DPO measures how far the policy moves from pi_ref on the preference data, so pi_ref should already write
 replies like those in the data (GPT-2 never saw "\\n\\nHuman: ... \\n\\nAssistant:" dialogues). SFT maximizes
@@ -32,9 +32,8 @@ EXPERIMENT = ("target", "lr_decay_iters")  # sft.py's own flags that --resume mu
 
 def parse_args(argv=None):
     parser = cli.training_parser(__doc__, DEFAULTS, DEMO)
-    parser.add_argument("--target", choices=["chosen", "rejected", "both"],
-                        help="responses to imitate: chosen (pi_ref for DPO), rejected (a contrast), or "
-                        "both (the demo: an SFT model that shows both behaviours, so DPO has a choice to make)")
+    parser.add_argument("--target", choices=["chosen", "rejected", "both"], help="responses to imitate: chosen "
+                        "(pi_ref for DPO), rejected (a contrast), or both (the demo: DPO then has a choice to make)")
     parser.add_argument("--lr_decay_iters", type=cli.at_least(0), help="the cosine decay ends here (default: "
                         "max_iters); set it to run part of a schedule now and --resume the rest later")
     args = cli.parse(parser, DEMO, argv, stage="sft")
@@ -104,11 +103,10 @@ def train(args, run):
         set_lr(optimizer, lr)
         t0 = time.time()
 
-        # Gradient accumulation. The loss is the mean over every response token of the step, so each
-        # micro-batch divides its summed log-likelihood by that step-wide count: k micro-batches then
-        # add up to exactly the gradient of one batch k times larger, however response lengths differ.
-        # (Averaging each micro-batch's own mean, then dividing by k, would weigh a token of a short
-        # micro-batch more than one of a long micro-batch.)
+        # Gradient accumulation. The loss is the mean over every response token of the step, so each micro-batch
+        # divides its summed log-likelihood by that step-wide count: k micro-batches then add up to exactly the
+        # gradient of one batch k times larger, however response lengths differ. (Averaging each micro-batch's
+        # own mean, then dividing by k, would weigh a token of a short micro-batch more than one of a long one.)
         micro_batches, loss_scale = compute.share(args.grad_accum)  # torchrun: this process's part of the step
         batches = [collate([train_examples[i] for i in batch_indices(len(train_examples), args.batch_size,
                                                                        step * args.grad_accum + micro, args.seed)])

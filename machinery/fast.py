@@ -34,7 +34,7 @@ class LabelLogProbs(torch.autograd.Function):
     using d log p / d logits = onehot(target) - softmax.
     """
     # fp32 logits in flight at once. On CPU, 32 MB stays under glibc's largest mmap threshold, so a
-    # freed chunk is reused instead of being returned to the OS and page-faulted back (PERFORMANCE.md
+    # freed chunk is reused instead of being returned to the OS and page-faulted back (docs/performance.md
     # has the measurement); on a GPU, bigger chunks keep the matmuls large.
     BUDGET = {"cpu": 2**25, "cuda": 2**30}
 

@@ -8,9 +8,10 @@ import sys
 
 import numpy as np
 
-from data import EOS
+from data import EOS, tokenize_pairs
 from machinery import UserError
 from machinery.checkpoints import atomic_write
+from machinery.cli import at_least
 from machinery.compute import pick_device
 
 DEMO_DIR = "out/demo"
@@ -30,6 +31,17 @@ def demo_models():
     found = sorted(os.path.basename(os.path.dirname(path)) for path in glob.glob(os.path.join(DEMO_DIR, "*", "ckpt.pt")))
     first = [name for name in ("sft", "dpo", "dpo-bad") if name in found]
     return [f"{name}={os.path.join(DEMO_DIR, name)}" for name in first + [n for n in found if n not in first]]
+
+
+def add_io_flags(p):
+    """sample.py's flags for the held-out split's name, where prompts come from, where it runs, and where its results go."""
+    p.add_argument("--test_split", default="test", help="the held-out split's name in --data")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for more (default: none)")
+    p.add_argument("--prompts_file", help="prompts separated by lines that are exactly --- (default: none)")
+    p.add_argument("--device", default="auto", help="auto (cuda if there is one, else cpu), cpu, cuda, ...")
+    p.add_argument("--results_dir", help="where NAME.md, .json, .jsonl go (default: out/samples; out/demo with --demo)")
+    p.add_argument("--name", help="the results' file name (default: samples)")
+    p.add_argument("--show", type=at_least(0), default=3, help="prompts printed side by side on the console")
 
 
 def checked(parser, args):
@@ -81,6 +93,13 @@ def prompts(args, held_out, tokenizer, models):
         print(f"note: {cropped} of {len(texts)} prompts are longer than the {room} tokens that "
               f"--max_new_tokens {args.max_new_tokens} leaves of {context}: each keeps its last {room}")
     return texts, [ids[-room:] for ids in encoded]
+
+
+def accuracy_pairs(held_out, tokenizer, context):
+    """The first 256 held-out pairs as token ids, for held-out accuracy; pairs longer than the models' context
+    (a toy model's is short) are left out."""
+    pairs = tokenize_pairs(held_out[:256], 512, 256, tokenizer, verbose=False) if held_out else []
+    return [p for p in pairs if len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) <= context]
 
 
 def write(args, argv, prompts, samples, summary):

@@ -85,7 +85,7 @@ class Run:
             model.compile()
             if reference is not None:
                 reference[1].compile()
-        print(f"{model.num_params() / 1e6:.1f}M parameters, {self.args.device}, {self.args.dtype}; effective batch "
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {self.args.device}, {self.args.dtype}; effective batch "
               f"{self.args.batch_size} x {self.args.grad_accum} = {self.args.batch_size * self.args.grad_accum} "
               "examples a step")
         if self.compute.master:
