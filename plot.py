@@ -25,7 +25,7 @@ from machinery import UserError  # noqa: E402
 from machinery.cli import ArgumentParser, HelpFormatter, description, user_errors  # noqa: E402
 from machinery.results import labelled, mean_and_sem  # noqa: E402
 from machinery.runlog import read_records  # noqa: E402
-PANEL_TITLES = {"loss": "loss (ln 2 = 0.693 at step 0)", "rewards/chosen": "rewards/chosen (nats)",
+PANEL_TITLES = {"loss": "loss (ln 2 = 0.693 at step 0; IPO: 1/(4 beta^2))", "rewards/chosen": "rewards/chosen (nats)",
                 "rewards/rejected": "rewards/rejected (nats)", "rewards/margin": "rewards/margin (nats)",
                 "rewards/accuracy": "rewards/accuracy", "logps/chosen": "logps/chosen (nats)",
                 "logps/rejected": "logps/rejected (nats)"}
@@ -172,8 +172,14 @@ def plot_sft_length(path, out, title):
                 label="mean over seeds, +- one standard error")
     ax.plot([r["sft_steps"] for r in runs], [r["gain"] for r in runs], ".", color="gray", label="one seed")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xlabel("SFT length (optimizer steps, each run's own cosine schedule)")
-    ax.set_ylabel("gain in oracle reward: DPO minus SFT")
+    finish(fig, ax, out, title, "SFT length (optimizer steps, each run's own cosine schedule)",
+           "gain in oracle reward: DPO minus SFT")
+
+
+def finish(fig, ax, out, title, xlabel, ylabel):
+    """One panel's labels, title, grid and legend, then the file."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -183,21 +189,17 @@ def plot_sft_length(path, out, title):
 def plot_sft_curves(path, out, title):
     """SFT's held-out loss along each run of the SFT-length experiment (log scale), and the data's floor."""
     runs = read_json_field(path, "runs", "an sft-length results file")
+    floor = read_json_field(path, "floor", "an sft-length results file")
     fig, ax = plt.subplots(figsize=FIGSIZE)
     colors = dict(zip(sorted({r["sft_steps"] for r in runs}), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for r in runs:
         steps, losses = zip(*r["sft_curve"])
         ax.plot(steps, losses, "-", color=colors[r["sft_steps"]], lw=1, alpha=0.8,
                 label=f"{r['sft_steps']}-step schedule" if r["seed"] == runs[0]["seed"] else None)
-    ax.axhline(math.log(50) / 20.7, color="gray", ls="--", lw=1.2,
-               label="the data's floor: ln 50 nats (2 tones x 5 openers x 5 closers) over 20.7 tokens")
+    ax.axhline(floor["nats"], color="gray", ls="--", lw=1.2, label=f"the data's floor: ln {floor['choices']} nats "
+               f"(2 tones x 5 openers x 5 closers) over {floor['tokens']:.1f} tokens")
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("SFT held-out loss per reply token (nats)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, out)
+    finish(fig, ax, out, title, "optimizer step", "SFT held-out loss per reply token (nats)")
 
 
 def plot_batch(pair_index, out, title):
@@ -299,6 +301,42 @@ def plot_batch(pair_index, out, title):
 def _save_without_layout(fig, out):
     """save() without tight_layout, for a figure whose axes are placed by hand."""
     fig.tight_layout = lambda *args, **kwargs: None
+    save(fig, out)
+
+
+def plot_rlhf_frontier(path, out, title):
+    """experiments/frontier.py's figure: oracle reward against KL from the SFT model, each run of each
+    method a curve along its checkpoints (the best setting of a method drawn bold), best-of-N a dashed line
+    at its KL bound; one standard error as bars."""
+    record = read_json_field(path, "points", "experiments/frontier.py's results")
+    runs = read_json_field(path, "runs", "experiments/frontier.py's results")
+    best = read_json_field(path, "best", "experiments/frontier.py's results")
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    colors = dict(zip(list(runs) + ["Best-of-N"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    sft_kl, _, sft_reward, sft_error, _ = record["sft"]
+    ax.errorbar([sft_kl], [sft_reward], yerr=[sft_error], fmt="ks", capsize=3, label="SFT (the reference)")
+    for method, labels in runs.items():
+        for label in labels:
+            path_points = sorted((int(key.rsplit("@", 1)[1]), value) for key, value in record.items()
+                                 if key.startswith(label + " @"))
+            if not path_points:
+                continue
+            kl = [sft_kl] + [p[1][0] for p in path_points]
+            reward = [sft_reward] + [p[1][2] for p in path_points]
+            error = [sft_error] + [p[1][3] for p in path_points]
+            bold = label == best[method]
+            ax.errorbar(kl, reward, yerr=error, fmt="o-" if bold else ".-", color=colors[method], capsize=2 if bold else 0,
+                        lw=2.2 if bold else 0.8, alpha=1 if bold else 0.45, label=method if bold else None)
+    n_points = sorted((value for key, value in record.items() if key.startswith("N=")), key=lambda v: v[0])
+    ax.errorbar([p[0] for p in n_points], [p[2] for p in n_points], yerr=[p[3] for p in n_points], fmt="^--",
+                color=colors["Best-of-N"], capsize=2, label="Best-of-N (KL: its bound log N - (N-1)/N)")
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("KL(policy || SFT model) on the policy's own samples (nats; linear below 0.1)")
+    ax.set_ylabel("oracle reward (mean over 200 held-out prompts)")
+    ax.set_title(title or "The DPO paper's fig. 2 on the toy task: reward against KL, each method's best setting bold",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     save(fig, out)
 
 

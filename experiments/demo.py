@@ -1,6 +1,7 @@
 """The README's demo, run as a user runs it and timed: its four commands, one after the other, each a fresh
 process, in a scratch folder (so that out/demo starts empty); then its samples become results/demo.md,
-.json and .jsonl, and the times results/demo-time.json.
+.json and .jsonl, and the times results/demo-time.json. Then, untimed, the README's "turn a knob" variant
+(KNOB, then sample.py --demo again, every run side by side) -> results/demo-knob.json.
 
     python -m experiments.demo
 """
@@ -14,8 +15,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = {"sft": ["sft.py", "--demo"], "dpo": ["dpo.py", "--demo"], "dpo-bad": ["dpo.py", "--demo", "--swap"],
+COMMANDS = {"sft": ["sft.py", "--demo"], "dpo": ["dpo.py", "--demo", "--beta", "0.1"],
+            "dpo-bad": ["dpo.py", "--demo", "--beta", "0.1", "--swap"],
             "sample": ["sample.py", "--demo"]}
+KNOB = ["dpo.py", "--demo", "--beta", "5"]  # writes out/demo/dpo-beta5.0 beside the demo's runs
 
 
 def main():
@@ -30,6 +33,13 @@ def main():
         for extension in (".md", ".json", ".jsonl"):
             shutil.copy(os.path.join(scratch, "out", "demo", "samples" + extension),
                         os.path.join(ROOT, "results", "demo" + extension))
+        for script, *flags in (KNOB, ["sample.py", "--demo", "--name", "knob", "--show", "0"]):
+            subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=scratch, check=True,
+                           env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL)
+        with open(os.path.join(scratch, "out", "demo", "knob.json")) as f:
+            knob = json.load(f)
+        with open(os.path.join(ROOT, "results", "demo-knob.json"), "w") as f:
+            json.dump({"command": "python " + " ".join(KNOB), "summary": knob["summary"]}, f, indent=1)
     record = {"commands": {stage: "python " + " ".join(command) for stage, command in COMMANDS.items()},
               "seconds": seconds, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
               "machine": platform.machine()}

@@ -14,9 +14,10 @@ STEPS on the same 200 held-out prompts with sample.py's estimator (oracle reward
 The learning rate is chosen per method by the final oracle reward at the middle beta (or KL coefficient);
 at that learning rate the other betas draw the frontier; the best setting then runs with 2 more seeds.
 Compute is counted by wrapping GPT.hidden_states: every token through the model, sampling included, and
-the tokens that also go backward. Writes results/frontier.json, .md and .png.
+the tokens that also go backward. Writes results/frontier.json and results/frontier.png; the README's
+tables are made from the .json by experiments/tables.py.
 
-    python -m experiments.frontier            # every run (about half an hour on 2 CPU cores)
+    python -m experiments.frontier
 """
 import ast
 import json
@@ -32,12 +33,12 @@ import model
 import rlhf
 import sample
 import sft
-from data import EOS, get_tokenizer, load_preferences, toy_reward
+from data import get_tokenizer, load_preferences, toy_reward
 from machinery.checkpoints import open_model
 from machinery.results import mean_and_sem
 
 OUT = "out/frontier"
-STEPS = (10, 20, 40)              # sampled along every run; the last is the step budget
+STEPS = (10, 20, 30)              # sampled along every run; the last is the step budget
 LRS = (3e-5, 1e-4, 3e-4)          # the same three for every method
 BETAS = (0.1, 0.5, 2.0)           # DPO's beta; the first is the one the learning rate is chosen at
 KL_COEFS = (0.1, 0.02, 0.5)       # PPO's KL coefficient, likewise
@@ -78,7 +79,9 @@ def train(main, flags, out_dir, steps):
     for i, step in enumerate(steps):
         try:
             main(flags + ["--max_iters", str(step), "--out_dir", out_dir] + (["--resume"] if i else []))
-        except SystemExit as stop:  # the run stopped itself: it diverged
+        except SystemExit as stop:  # the health check stopped the run: it diverged (anything else is a mistake)
+            if not any(word in str(stop.code) for word in ("diverged", " is nan", " is inf")):
+                raise
             print(f"stopped: {stop.code}")
             return copies, True
         copies.append(copied(out_dir, step))
@@ -128,9 +131,7 @@ def best_of_n(counter):
     with torch.no_grad():
         for draw in range(max(N_VALUES)):
             generators = [torch.Generator().manual_seed(7919 * draw + i) for i in range(len(prompts))]
-            new = policy.generate(prompts, 40, generators=generators,
-                                  stop=lambda ids: sample.STOP_TEXT in tokenizer.decode(ids[-4:]))
-            texts = [tokenizer.decode([t for t in ids if t != EOS]).split(sample.STOP_TEXT)[0] for ids in new]
+            texts = sample.complete(policy, prompts, tokenizer, generators, 40)[1]
             rewards.append([toy_reward(t) for t in texts])
     counter.method = None
     points = {}
@@ -148,8 +149,8 @@ def lesson_lines():
         tree = ast.parse(open(path).read())
         return sum(node.end_lineno - node.lineno + 1 for node in tree.body
                    if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in names)
-    return {"DPO": lines("dpo.py", {"dpo_loss", "pair_logps", "micro_batch"}),
-            "RLHF": lines("rlhf.py", {"Scalar", "scalar_from", "full_rows", "scores_at_last", "reward_loss",
+    return {"DPO": lines(dpo.__file__, {"dpo_loss", "pair_logps", "micro_batch"}),
+            "RLHF": lines(rlhf.__file__, {"Scalar", "scalar_from", "full_rows", "scores_at_last", "reward_loss",
                                       "pair_scores", "train_reward", "kl_penalized_rewards", "gae", "ppo_loss",
                                       "value_loss", "rollouts", "score", "train_ppo"})}
 
@@ -178,7 +179,8 @@ def main():
     def run(method, setting, lr, seed):
         main_function, flags, setting_flags = METHODS[method]
         label = f"{method} | lr {lr:g}" + (f" | {setting:g}" if setting is not None else "") + f" | seed {seed}"
-        out_dir = f"{OUT}/runs/{len(runs.setdefault(method, {}))}"
+        slug = "".join(c if c.isalnum() else "-" for c in method.lower())
+        out_dir = f"{OUT}/runs/{slug}-{len(runs.setdefault(method, {}))}"  # a folder per run: its copies are sampled later
         counter.method, t0 = method, time.time()
         argv = flags + (setting_flags(setting) if setting_flags else []) + ["--lr", str(lr), "--seed", str(seed)]
         copies, diverged = train(main_function, argv, out_dir, STEPS)
@@ -217,6 +219,8 @@ def main():
     with open("results/frontier.json", "w") as f:
         json.dump(record, f, indent=1)
     print(f"wrote results/frontier.json after {record['total_s'] / 60:.1f} minutes")
+    import plot
+    plot.main(["rlhf-frontier", "results/frontier.json", "--out", "results/frontier.png"])
 
 
 if __name__ == "__main__":

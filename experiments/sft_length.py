@@ -10,9 +10,11 @@ its held-out curve.
     python -m experiments.sft_length        # every run -> results/sft-length.json and results/sft-length.png
 """
 import json
+import math
 import os
 import shutil
 
+import data
 import dpo
 import sample
 import sft
@@ -57,10 +59,20 @@ def one_run(steps, seed):
     return result
 
 
+def loss_floor():
+    """The lowest held-out loss an SFT model of both tones can reach: a toy reply is one of 2 tones x 5 openers x
+    5 closers, equally likely, so each holds ln 50 nats, spread over its tokens (EOS included)."""
+    choices = 2 * len(data.TOY_POLITE[0]) * len(data.TOY_POLITE[1])
+    pairs = data.tokenize_pairs(data.toy_pairs("test"), sft.DEMO["max_len"], sft.DEMO["max_len"] // 2, verbose=False)
+    tokens = [len(p[reply]) for p in pairs for reply in ("chosen", "rejected")]
+    return {"choices": choices, "tokens": sum(tokens) / len(tokens), "nats": math.log(choices) * len(tokens) / sum(tokens)}
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     runs = [one_run(steps, seed) for steps, seed in RUNS]
-    record = {"lengths": LENGTHS, "seeds": SEEDS, "dpo": {k: v for k, v in dpo.DEMO.items()}, "runs": runs}
+    record = {"lengths": LENGTHS, "seeds": SEEDS, "dpo": {k: v for k, v in dpo.DEMO.items()}, "runs": runs,
+              "floor": loss_floor()}
     with open("results/sft-length.json", "w") as f:
         json.dump(record, f, indent=1)
     print("wrote results/sft-length.json")

@@ -73,13 +73,14 @@ def test_writes_pngs(tmp_path):
     path = write_samples(tmp_path / "r.json", {"sft": [(0.0, 0.0), (1.0, 0.0)],
                                                "b@20": [(1.0, 1.0), (0.0, 3.0)], "b@40": [(1.0, 2.0), (1.0, 4.0)]})
     plot.main(["frontier", str(path), "--out", str(tmp_path / "frontier.png")])
-    runs = [{"target": "chosen", "sft_iters": n, "seed": s, "sft_test_loss": 1.0 / n, "sft_reward": 0.5,
+    runs = [{"sft_steps": n, "seed": s, "sft_test_loss": 1.0 / n, "sft_reward": 0.5,
              "dpo_reward": 0.6 + s / 10, "gain": 0.1 + s / 10, "kl": 1.0, "ref_logps_chosen": -5.0,
-             "ref_logps_rejected": -n, "dpo_end_loss": 0.5}
+             "ref_logps_rejected": -n, "dpo_end_loss": 0.5, "sft_curve": [[0, 10.8], [n, 1.0 / n]]}
             for n in (10, 100) for s in (1, 2)]
-    (tmp_path / "len.json").write_text(json.dumps({"runs": runs}))
+    (tmp_path / "len.json").write_text(json.dumps({"runs": runs, "floor": {"choices": 50, "tokens": 20.0, "nats": 0.2}}))
     plot.main(["sft-length", str(tmp_path / "len.json"), "--out", str(tmp_path / "len.png")])
-    for name in ("curves.png", "frontier.png", "len.png"):
+    plot.main(["sft-curves", str(tmp_path / "len.json"), "--out", str(tmp_path / "sft-curves.png")])
+    for name in ("curves.png", "frontier.png", "len.png", "sft-curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
 
 
