@@ -99,7 +99,7 @@ def test_a_demo_run_is_named_by_the_flags_that_differ_from_the_demos():
     assert sft.parse_args(["--demo", "--max_iters", "600", "--eval_interval", "50"]).out_dir == "out/demo/sft-max_iters600"
     assert dpo.parse_args(["--demo", "--beta", "0.1"]).out_dir == "out/demo/dpo"  # the demo's own beta
     assert dpo.parse_args(["--demo", "--beta", "0.5"]).out_dir == "out/demo/dpo-beta0.5"
-    assert dpo.parse_args(["--demo", "--swap", "--lr", "1e-4"]).out_dir == "out/demo/dpo-bad-lr0.0001"
+    assert dpo.parse_args(["--demo", "--swap", "--lr", "3e-4"]).out_dir == "out/demo/dpo-bad-lr0.0003"
     assert dpo.parse_args(["--demo", "--init", "out/demo/sft-max_iters600", "--share_prompt"]).out_dir == \
         "out/demo/dpo-from-sft-max_iters600-share_prompt"
     assert dpo.parse_args(["--init", "out/sft"]).out_dir == "out/dpo" and sft.parse_args([]).out_dir == "out/sft"

@@ -76,7 +76,8 @@ def test_ppo_on_the_true_reward_raises_it_and_resumes_exactly(toy_models, tmp_pa
              "--eval_prompts", "32", "--lr", "1e-4", "--warmup", "1", "--kl_coef", "0.05", "--seed", "3"]
     rlhf.main(flags + ["--max_iters", "8", "--out_dir", str(tmp_path / "straight")])
     evals = read_log(tmp_path / "straight", "test")
-    assert evals[-1]["oracle_reward"] > evals[0]["oracle_reward"] + 0.2  # PPO-GT: the oracle's reward goes up
+    rewards = [e["oracle_reward"] for e in evals]
+    assert rewards[-1] > rewards[0] + 0.2, rewards  # PPO-GT: the oracle's reward goes up
     assert evals[-1]["kl"] > evals[0]["kl"]  # and the policy moved from the reference to get it
     rlhf.main(flags + ["--max_iters", "4", "--out_dir", str(tmp_path / "resumed")])
     rlhf.main(flags + ["--max_iters", "8", "--out_dir", str(tmp_path / "resumed"), "--resume"])
