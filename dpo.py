@@ -179,7 +179,8 @@ def train(args, run):
     check_same_shape(policy, reference, args.init, args.ref)
     reference = freeze(reference, args.device, args.dtype)
     optimizer = make_optimizer(policy, args.lr, args.weight_decay, args.device, kind=args.optimizer)
-    learned = sft_examples(test_pairs[:args.batch_size], "rejected" if args.swap else "chosen")  # the text DPO raises
+    # held-out replies that DPO raises: the health check scores them before every save (docs/runs.md)
+    learned = sft_examples(test_pairs[:args.batch_size], "rejected" if args.swap else "chosen")
     # evaluate() sees the reference as it is then: after --precompute_ref, the cached rows
     start = run.start(policy, optimizer, lambda: evaluate(policy, reference, test_pairs, test_cache, args, compute),
                       held_out=collate(learned), data=train_pairs, examples=len(train_pairs),
