@@ -78,8 +78,13 @@ class Compute:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self.world_size > 1 and dist.is_initialized():
+            if exc_type is None:  # a clean end: leave together, so no process tears gloo down under another's
+                try:              # last collective (seen once on CI: "terminate called", SIGABRT, at exit)
+                    dist.barrier()
+                except Exception:
+                    pass  # a peer that failed meanwhile has said so itself
             dist.destroy_process_group()
 
 
