@@ -65,7 +65,8 @@ def test_no_prompt_mask_changes_nothing_in_dpo_but_sft_learns_the_prompts(toy_mo
     # the prompt is the same in both rows of a pair: its log-probs cancel in h, to rounding
     assert unmasked[-1]["loss"] == pytest.approx(masked[-1]["loss"], abs=1e-5)
     assert unmasked[-1]["logps/chosen"] < masked[-1]["logps/chosen"] - 5  # the logged sums now hold the prompt
-    assert prompt_nll(unmasked_sft) < prompt_nll(unbroken_sft) - 1  # SFT without the mask learned the prompts
+    # SFT without the mask learned the prompts: 7.7 against 8.8 nats a token here, after 30 small steps
+    assert prompt_nll(unmasked_sft) < prompt_nll(unbroken_sft) - 0.5
 
 
 def test_no_eos_leaves_the_model_no_way_to_stop(pairs_file, unbroken_sft, tmp_path):

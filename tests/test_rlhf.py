@@ -73,11 +73,13 @@ def test_the_reward_model_beats_chance_on_held_out_toy_pairs(reward_dir):
 
 def test_ppo_on_the_true_reward_raises_it_and_resumes_exactly(toy_models, tmp_path):
     flags = ["ppo", "--demo", "--oracle", "--init", toy_models["sft"], "--batch_size", "16", "--eval_interval", "4",
-             "--eval_prompts", "32", "--lr", "1e-4", "--warmup", "1", "--kl_coef", "0.05", "--seed", "3"]
+             "--eval_prompts", "32", "--lr", "3e-4", "--warmup", "1", "--kl_coef", "0.05", "--seed", "3"]
     rlhf.main(flags + ["--max_iters", "8", "--out_dir", str(tmp_path / "straight")])
     evals = read_log(tmp_path / "straight", "test")
     rewards = [e["oracle_reward"] for e in evals]
-    assert rewards[-1] > rewards[0] + 0.2, rewards  # PPO-GT: the oracle's reward goes up
+    # PPO-GT: the oracle's reward goes up. At the frontier's best lr, seeds 3, 4 and 5 gained 0.47, 0.22 and 0.49
+    # in these 8 iterations (32 prompts, so about 0.1 of sampling noise); at lr 1e-4 one gained only 0.16
+    assert rewards[-1] > rewards[0] + 0.15, rewards
     assert evals[-1]["kl"] > evals[0]["kl"]  # and the policy moved from the reference to get it
     rlhf.main(flags + ["--max_iters", "4", "--out_dir", str(tmp_path / "resumed")])
     rlhf.main(flags + ["--max_iters", "8", "--out_dir", str(tmp_path / "resumed"), "--resume"])
