@@ -1,10 +1,7 @@
 """Stage 2: Direct Preference Optimization (Rafailov et al., 2023) against a frozen reference.
 
-RLHF fits a reward model r(x, y) to preference pairs, then maximizes r with PPO under a KL penalty
-beta * KL(pi || pi_ref). That problem's optimum is pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x)
-(eq. 4), so every policy is optimal for the reward r(x, y) = beta log(pi(y|x) / pi_ref(y|x)) + beta log Z(x)
-(eq. 5). Put that reward into the Bradley-Terry model of preferences (eq. 6) and Z(x) cancels, because both
-responses share the prompt x. What is left is a classification loss on the policy itself:
+RLHF's reward model and PPO are replaced by the policy's own implicit reward, beta log(pi / pi_ref): put into
+the Bradley-Terry model of preferences, its normalizer Z(x) cancels (README section 1 derives it), leaving
 
     L_DPO = -log sigmoid(beta log(pi(y_w|x) / pi_ref(y_w|x)) - beta log(pi(y_l|x) / pi_ref(y_l|x)))   (eq. 7)
 
