@@ -3,14 +3,15 @@
 Most DPO bugs are data bugs (a wrong prompt/response boundary, an EOS never trained, padding counted as response,
 truncation cutting the wrong end), so every step is explicit and tested: load_preferences (text) -> tokenize_pairs
 (token ids, EOS appended, truncated) -> sft_examples and collate, or dpo_batch (input_ids, and labels shifted by one,
-IGNORE_INDEX on prompt and padding). `python data.py --inspect --data toy` shows a source's first pair token by token;
-every source but `toy` is read by machinery/formats.py."""
+IGNORE_INDEX on prompt and padding). `python -m machinery.inspect_data --data toy` shows a source's first pair
+token by token; every source but `toy` is read by machinery/formats.py."""
 import random
 import re
 
 import torch
 
 from machinery import UserError
+from machinery.formats import Dialogue, read_pairs
 from model import IGNORE_INDEX
 
 EOS = 50256  # <|endoftext|>: appended to every response and trained on, so the model learns to stop
@@ -33,8 +34,7 @@ def load_preferences(source, split="train", verbose=True, split_name=None):
     source when it differs (e.g. "train_prefs")."""
     if source == "toy" and split_name in (None, split):
         return toy_pairs(split)
-    from machinery.formats import read_pairs  # every other source and record format (it uses split_hh below)
-    return read_pairs(source, split, split_name, verbose)
+    return read_pairs(source, split, HH, split_name, verbose)  # every other source and record format
 
 
 def split_hh(chosen, rejected):
@@ -48,6 +48,9 @@ def split_hh(chosen, rejected):
     if rejected[:rejected_cut + len(ASSISTANT)] != prompt:
         return "prompt mismatch"  # the two replies answer different conversations
     return prompt, chosen[len(prompt):], rejected[len(prompt):]
+
+
+HH = Dialogue(HUMAN, ASSISTANT, split_hh)  # what machinery/formats.py needs of HH to render other formats as HH
 
 
 # The toy task: polite against rude replies, with an oracle reward
@@ -186,7 +189,3 @@ def batch_indices(n, batch_size, step, seed):
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     return order[position * batch_size:(position + 1) * batch_size].tolist()
 
-
-if __name__ == "__main__":
-    from machinery.inspect_data import main  # python data.py --inspect: look at the data before training on it
-    main()

@@ -16,14 +16,14 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import batch_indices, collate, dpo_batch, sft_examples, tokenized_splits
 from machinery import cli
-from machinery.checkpoints import check_same_shape, load_model, stage_of
-from machinery.compute import make_optimizer, optimizer_step, set_lr, wrap
-from machinery.fast import packed_dpo_batch, precompute
-from machinery.run import Run
-from machinery.runlog import Runaway
+from machinery.fast import packed_dpo_batch, precompute, use_chunked_head
+from machinery.models import check_same_shape, load_model, stage_of
+from machinery.run import Run, runaway_warning
+from model import param_groups
 
 # The paper's settings (sec. 6 and app. B): beta 0.1, batch 64, RMSprop at lr 1e-6 with 150 warmup steps;
 # one epoch of HH's 161k pairs is about 2,500 steps of 64.
@@ -101,13 +101,13 @@ def get_lr(step, args):
     return args.lr * (step + 1) / args.warmup if step < args.warmup else args.lr
 
 
-def freeze(reference, device, dtype):
+def freeze(reference, args):
     """pi_ref is fixed: the objective (eq. 3) is a KL to it. A reference that moved with the policy would change
     the problem: h would stay 0, and a constant pull with no brake would move the policy (exercise 2). On a GPU
     it needs no fp32 copy: the training dtype halves its memory (step 0's rewards are then near 0, not 0)."""
     reference.eval().requires_grad_(False)
-    if device.startswith("cuda") and dtype != "float32":
-        reference.to(getattr(torch, dtype))
+    if args.device.startswith("cuda") and args.dtype != "float32":
+        reference.to(getattr(torch, args.dtype))
     return reference
 
 
@@ -124,8 +124,8 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewa
 
 
 def micro_batch(policy, reference, pairs, indices, cached, args):
-    """pairs[indices] through the policy and the reference: the per-pair losses, the sums of METRICS (one
-    tensor left on the device: an .item() each would make the CPU wait for the GPU), the token count."""
+    """pairs[indices] through the policy and the reference: the per-pair losses, and the sums of METRICS then
+    the tokens, in one tensor left on the device (an .item() each would make the CPU wait for the GPU)."""
     batch = make_batch(pairs, indices, args)
     policy_chosen, policy_rejected = pair_logps(policy, batch)
     if cached is not None:  # --precompute_ref: the reference's rows for these pairs, scored before training
@@ -139,12 +139,7 @@ def micro_batch(policy, reference, pairs, indices, cached, args):
                         (chosen_rewards - rejected_rewards).sum(),
                         reward_accuracy(chosen_rewards, rejected_rewards) * len(losses),
                         policy_chosen.detach().sum(), policy_rejected.detach().sum()]).float()
-    return losses, sums, batch[0].numel()
-
-
-def means(sums, n_pairs, compute):
-    """Metric sums added up (over the processes too, under torchrun), as means by name: one device-to-host copy."""
-    return dict(zip(METRICS, (compute.all_reduce_sum(torch.stack(sums).sum(0)) / n_pairs).tolist()))
+    return losses, torch.cat([sums, torch.tensor([batch[0].numel()], device=sums.device)])
 
 
 @torch.no_grad()
@@ -153,13 +148,13 @@ def evaluate(policy, reference, pairs, cached, args, compute):
     Under torchrun each process takes every world_size-th micro-batch; the sums are added up."""
     policy.eval()
     n = min(len(pairs), args.eval_batches * args.batch_size)
-    sums = [torch.zeros(len(METRICS), device=args.device)]  # a process may get no batch
+    sums = [torch.zeros(len(METRICS) + 1, device=args.device)]  # a process may get no batch
     for start in range(0, n, args.batch_size)[compute.rank::compute.world_size]:
         with compute.autocast:
             sums.append(micro_batch(policy, reference, pairs, range(start, min(start + args.batch_size, n)), cached,
                                     args)[1])
     policy.train()
-    return means(sums, n, compute)
+    return dict(zip(METRICS, (compute.all_reduce_sum(torch.stack(sums).sum(0)) / n).tolist()))
 
 
 def train(args, run):
@@ -169,57 +164,71 @@ def train(args, run):
                                                args.test_split)
     if args.swap:  # the "bad" model: learn to prefer what the annotators rejected
         train_pairs = [{"prompt": p["prompt"], "chosen": p["rejected"], "rejected": p["chosen"]} for p in train_pairs]
+    batch_indices(len(train_pairs), args.batch_size, 0, args.seed)  # refuses a batch larger than the data now
 
     policy = load_model(args.init, args)
     # the usual case, ref = init: a copy, not a second load (and for --init scratch, the same random model)
-    reference = copy.deepcopy(policy) if args.ref == args.init else load_model(args.ref, args)
+    reference = freeze(copy.deepcopy(policy) if args.ref == args.init else load_model(args.ref, args), args)
     check_same_shape(policy, reference, args.init, args.ref)
-    reference = freeze(reference, args.device, args.dtype)
-    optimizer = make_optimizer(policy, args.lr, args.weight_decay, args.device, kind=args.optimizer)
-    # held-out replies that DPO raises: the health check scores them before every save (docs/runs.md)
-    learned = sft_examples(test_pairs[:args.batch_size], "rejected" if args.swap else "chosen")
-    # evaluate() sees the reference as it is then: after --precompute_ref, the cached rows
-    start = run.start(policy, optimizer, lambda: evaluate(policy, reference, test_pairs, test_cache, args, compute),
-                      held_out=collate(learned), data=train_pairs, examples=len(train_pairs),
-                      reference=(args.ref, reference))
+    for model in (policy, reference) if args.chunked_head else ():  # opt-in: less memory (docs/performance.md)
+        use_chunked_head(model)
+    policy.grad_checkpoint = args.grad_checkpoint  # opt-in: recompute each block in backward, for less memory
+    groups = param_groups(policy, args.weight_decay)
+    optimizer = torch.optim.RMSprop(groups, lr=args.lr) if args.optimizer == "rmsprop" else torch.optim.AdamW(
+        groups, lr=args.lr, betas=(0.9, 0.95), fused=args.device.startswith("cuda"))  # fused: one kernel, on a GPU
+    # --resume refuses other data, or a reference retrained since: both are fingerprinted into every checkpoint
+    run.depends_on(data={"training pairs": train_pairs, "held-out pairs": test_pairs},
+                   models={"reference": (args.ref, reference)})
     train_cache = test_cache = None
     if args.precompute_ref:  # the reference scores every pair once now; then only the policy stays in memory
         train_cache, test_cache = (precompute(reference, pairs, make_batch, pair_logps, args, compute)
                                    for pairs in (train_pairs, test_pairs))
         reference = None
-    train_policy = wrap(policy, compute)  # torchrun: DDP averages the processes' gradients in backward
+    # --resume: the checkpoint; the health check scores held-out replies DPO raises before every save (docs/runs.md)
+    learned = sft_examples(test_pairs[:args.batch_size], "rejected" if args.swap else "chosen")
+    start = run.resume(policy, optimizer, collate(learned))
+    for model in (policy, reference) if args.compile else ():
+        model.compile()  # in place: the state_dict keys stay those of the plain model
+    ddp_policy = DDP(policy) if compute.world_size > 1 else policy  # torchrun: DDP averages gradients across processes
+    evaluate_now = lambda: evaluate(policy, reference, test_pairs, test_cache, args, compute)  # noqa: E731
     pairs_per_step = args.batch_size * args.grad_accum
-    for step in run.steps(start):  # range(start, max_iters); Ctrl-C and SIGTERM end it after a whole step
-        if run.eval_due(step):  # every eval_interval steps: evaluate, then save if the model is healthy
-            run.checkpoint(step)
-        lr = get_lr(step, args)
-        set_lr(optimizer, lr)
-        t0 = time.time()
-        sums, n_tokens = [], 0
-        micro_batches, loss_scale = compute.share(args.grad_accum)  # torchrun: this process's part of the step
-        for i, micro in enumerate(micro_batches):
-            indices = batch_indices(len(train_pairs), args.batch_size, step * args.grad_accum + micro, args.seed)
-            compute.sync(train_policy, last=i == len(micro_batches) - 1)  # torchrun: average gradients at the end
-            with compute.autocast:  # mixed precision on a GPU (bf16 or fp16 matmuls); nothing on a CPU
-                losses, batch_sums, batch_tokens = micro_batch(train_policy, reference, train_pairs, indices,
-                                                               train_cache, args)
-            # the mean over the step's pairs (every micro-batch has batch_size of them); the scaler is fp16's
-            compute.scaler.scale(losses.sum() / pairs_per_step * loss_scale).backward()
-            sums.append(batch_sums)
-            n_tokens += batch_tokens
-        metrics = means(sums, pairs_per_step, compute)  # the step's one device-to-host copy
-        grad_norm = optimizer_step(policy, optimizer, compute.scaler, args.grad_clip)  # unscale, clip, step
-        dt = time.time() - t0
-        run.log({"iter": step + 1, **metrics, "grad_norm": grad_norm.item(), "lr": lr, "dt_ms": dt * 1000,
-                 "tokens_per_s": compute.all_reduce_sum(float(n_tokens)) / dt})
 
-    run.finish()  # the last checkpoint: evaluated, checked, then saved; and what to run next
+    for step in range(start, args.max_iters):
+        if args.eval_interval and step % args.eval_interval == 0:  # evaluate, check health, then save
+            run.save(step, evaluate_now)
+        lr = get_lr(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.time()
+        step_batches = [batch_indices(len(train_pairs), args.batch_size, step * args.grad_accum + micro, args.seed)
+                        for micro in range(args.grad_accum)]
+        mine = step_batches[compute.rank::compute.world_size]  # torchrun: this process's micro-batches (alone: all)
+        sums = []
+        for i, indices in enumerate(mine):
+            ddp_policy.require_backward_grad_sync = i == len(mine) - 1  # torchrun: sync gradients on the last only
+            with compute.autocast:  # mixed precision on a GPU (bf16 or fp16 matmuls); nothing on a CPU
+                losses, batch_sums = micro_batch(ddp_policy, reference, train_pairs, indices, train_cache, args)
+            # the mean over the step's pairs; the scaler: fp16's loss scaling; x world_size: DDP averages
+            compute.scaler.scale(losses.sum() / pairs_per_step * compute.world_size).backward()
+            sums.append(batch_sums)
+        compute.scaler.unscale_(optimizer)  # fp16: the true gradients, to clip them
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
+        compute.scaler.step(optimizer)  # fp16: skipped if a gradient overflowed
+        compute.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        totals = compute.all_reduce_sum(torch.stack(sums).sum(0)).tolist()  # torchrun: summed over the processes
+        run.log({"iter": step + 1, **{name: total / pairs_per_step for name, total in zip(METRICS, totals)},
+                 "grad_norm": grad_norm.item(), "lr": lr, "dt_ms": dt * 1000, "tokens_per_s": totals[-1] / dt})
+        if run.stop_requested():  # Ctrl-C or SIGTERM: this step is done; save it and stop
+            break
+    run.finish(step + 1, evaluate_now)  # the last checkpoint: evaluated, checked, then saved; and what's next
 
 
 def main(argv=None):
     args = parse_args(argv)
     models = {"--init": args.init, "--ref": args.ref}
-    with Run(args, "dpo", EXPERIMENT, models, watch=Runaway(args.beta)) as run:  # refuses before any loading
+    with Run(args, "dpo", EXPERIMENT, models, warn=runaway_warning(args.beta)) as run:  # refuses before loading
         train(args, run)
 
 

@@ -1,19 +1,16 @@
-"""GPT-2, written out: the transformer, the log-probability of labels, OpenAI's weights, and sampling.
+"""GPT-2, written out: the transformer, the log-probability of labels, and sampling.
 
-Module names equal Hugging Face's GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...), so loading the
-published weights is one renaming loop and four transposes. The numerics are GPT-2's (tanh GELU, LayerNorm eps
-1e-5, biases, tied embeddings): tests/test_model.py proves our logits equal `transformers.GPT2LMHeadModel`'s."""
-import json
+Module names equal Hugging Face's GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...), so OpenAI's
+published weights load with one renaming loop and four transposes (machinery/models.py). The numerics are
+GPT-2's (tanh GELU, LayerNorm eps 1e-5, biases, tied embeddings): tests/test_model.py proves our logits equal
+`transformers.GPT2LMHeadModel`'s."""
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-from machinery import fast
 
 IGNORE_INDEX = -100  # the label of a position that is not trained on (prompt, padding): PyTorch's convention
 
@@ -98,14 +95,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def label_logps(logits, labels):
-    """log p(label) at every position: log softmax over the vocabulary, then the entry of each label.
-    (B, T) in fp32, 0 where the label is IGNORE_INDEX. This is what SFT and DPO train on, and what
-    GPT.forward(idx, labels) returns."""
-    logps = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return logps.masked_fill(labels == IGNORE_INDEX, 0.0)
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -135,15 +124,24 @@ class GPT(nn.Module):
     def forward(self, idx, labels=None, positions=None, attn_mask=None, kv_cache=None):
         """Without labels: the logits at every position, (B, T, vocab_size).
 
-        With labels (already shifted: labels[t] is the token after idx[t], data.py): label_logps(logits,
-        labels), (B, T) in fp32, what SFT and DPO train on. positions and attn_mask, when given, replace
-        0..T-1 and the causal mask (generate's padded rows; machinery/fast.py's packed rows)."""
+        With labels (already shifted: labels[t] is the token after idx[t], data.py): log p(labels[t]) at every
+        position, (B, T) in fp32, 0 where the label is IGNORE_INDEX: what SFT and DPO train on. positions and
+        attn_mask, when given, replace 0..T-1 and the causal mask (generate's padded rows, packed rows)."""
         x = self.hidden_states(idx, positions, attn_mask, kv_cache)  # (B, T, C)
         if labels is None:
             return self.lm_head(x)  # (B, T, vocab_size)
-        # = label_logps(self.lm_head(x), labels), computed faster: the head (a third of GPT-2 small's FLOPs a
-        # token) runs on labelled positions only, and the (positions x vocab) logits never exist whole
-        return fast.label_logps(x, self.lm_head.weight, labels)
+        return self.label_logps(x, labels)
+
+    def label_logps(self, x, labels):
+        """log softmax over the vocabulary, then the entry of each label. The head runs on the labelled positions
+        only: the logits of the others would be thrown away, and on the toy task they are most of the work.
+        labels may also be (2, B, T), two planes of labels over the same rows (--share_prompt's packed pairs)."""
+        trained = labels != IGNORE_INDEX  # (B, T)
+        hidden = x.expand(*labels.shape, x.size(-1))[trained]  # (N, C): the labelled positions only
+        logits = self.lm_head(hidden)  # (N, vocab)
+        wide = torch.promote_types(logits.dtype, torch.float32)  # fp32 even under autocast (or fp64): exact sums
+        logps = logits.log_softmax(-1, dtype=wide).gather(-1, labels[trained].unsqueeze(-1)).squeeze(-1)  # (N,)
+        return torch.zeros(labels.shape, dtype=wide, device=x.device).masked_scatter(trained, logps)  # 0 elsewhere
 
     def hidden_states(self, idx, positions=None, attn_mask=None, kv_cache=None):
         """The transformer without its head: the final LayerNorm's output at every position, (B, T, C)."""
@@ -196,41 +194,12 @@ class GPT(nn.Module):
             start = idx.size(1) - 1
         return new
 
-    @classmethod
-    def from_pretrained(cls, name_or_dir):
-        """OpenAI's GPT-2 by name (downloaded from the Hugging Face hub), or a Hugging Face directory:
-        config.json and model.safetensors, as transformers' save_pretrained writes them."""
-        from safetensors.torch import load_file
-        if name_or_dir in GPT2_SIZES:
-            from huggingface_hub import hf_hub_download
-            config = GPTConfig(**GPT2_SIZES[name_or_dir])
-            path = hf_hub_download(repo_id=f"openai-community/{name_or_dir}", filename="model.safetensors")
-        else:
-            with open(os.path.join(name_or_dir, "config.json")) as f:
-                hf = json.load(f)  # Hugging Face's names for our GPTConfig's fields
-            config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                               n_head=hf["n_head"], n_embd=hf["n_embd"])
-            path = os.path.join(name_or_dir, "model.safetensors")
-        model = cls(config)
-        model.load_state_dict(from_hf(load_file(path)))
-        return model
 
-
-# GPT-2's original code used Conv1D layers, whose weights are stored (in, out): nn.Linear wants (out, in)
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def from_hf(hf_state):
-    """A Hugging Face GPT-2 state dict (either key layout) in our names and shapes."""
-    state = {}
-    for key, tensor in hf_state.items():
-        if key.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # causal-mask buffers of old checkpoints, not weights
-        if not key.startswith(("transformer.", "lm_head.")):
-            key = "transformer." + key  # the hub's gpt2 files have no "transformer." prefix
-        state[key] = tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor
-    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied, often not stored
-    return state
+def param_groups(model, weight_decay):
+    """The optimizer's parameter groups: weight decay on the matrices only, none on biases and LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def sample_tokens(logits, temperature, top_k, top_p, generators):

@@ -20,11 +20,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from data import EOS, dpo_batch, get_tokenizer, load_preferences, tokenize_pairs  # noqa: E402
 from dpo import METRICS, dpo_loss  # noqa: E402
 from machinery import UserError  # noqa: E402
 from machinery.cli import ArgumentParser, HelpFormatter, description, user_errors  # noqa: E402
+from machinery.fast import packed_dpo_batch  # noqa: E402
 from machinery.results import labelled, mean_and_sem  # noqa: E402
-from machinery.runlog import read_records  # noqa: E402
+from machinery.run import read_records  # noqa: E402
+from model import IGNORE_INDEX  # noqa: E402
 PANEL_TITLES = {"loss": "loss (ln 2 = 0.693 at step 0; IPO: 1/(4 beta^2))", "rewards/chosen": "rewards/chosen (nats)",
                 "rewards/rejected": "rewards/rejected (nats)", "rewards/margin": "rewards/margin (nats)",
                 "rewards/accuracy": "rewards/accuracy", "logps/chosen": "logps/chosen (nats)",
@@ -207,9 +210,6 @@ def plot_batch(pair_index, out, title):
     stacked rows (input ids above the shifted labels, -100 where nothing is trained), packed_dpo_batch's
     single row with its two label planes and its attention mask, and how the log-probs become the loss."""
     from matplotlib.patches import FancyArrowPatch, Rectangle
-    from data import EOS, dpo_batch, get_tokenizer, load_preferences, tokenize_pairs
-    from machinery.fast import packed_dpo_batch
-    from model import IGNORE_INDEX
     excerpt = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "hh-rlhf-harmless-base")
     tokenizer = get_tokenizer()
     pairs = load_preferences(excerpt, "test", verbose=False)

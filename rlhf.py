@@ -6,16 +6,13 @@ last token (its EOS). Stage 3 samples replies from the policy and improves it wi
 2017) on the reward model's score minus a per-token KL penalty to pi_ref, as Ziegler et al. (2019),
 Stiennon et al. (2020) and Ouyang et al. (2022) do; a value model (initialized from the reward model, as
 Ouyang et al.'s) and GAE give each token its advantage. With --oracle, PPO optimizes the toy task's true
-reward instead: PPO-GT of the DPO paper's fig. 2. `pairs` writes on-policy preference pairs: two samples of
-pi_SFT per training prompt, labelled by the oracle, as in the paper's IMDb experiment (its sec. 6.1).
+reward instead: PPO-GT of the DPO paper's fig. 2.
 
     python rlhf.py reward --demo                   # stage 2 -> out/demo/reward, from out/demo/sft
     python rlhf.py ppo --demo --kl_coef 0.1        # stage 3 -> out/demo/ppo, against out/demo/reward
     python rlhf.py ppo --demo --oracle             # PPO-GT  -> out/demo/ppo-oracle
-    python rlhf.py pairs --demo                    # on-policy pairs -> out/demo/onpolicy-pairs.jsonl
 """
 import copy
-import json
 import math
 import os
 import sys
@@ -25,15 +22,44 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import (batch_indices, collate, get_tokenizer, inputs_and_labels, load_preferences, sft_examples,
-                  tokenized_splits, toy_reward)
-from dpo import freeze, get_lr
-from sample import complete
+from data import batch_indices, collate, get_tokenizer, inputs_and_labels, sft_examples, tokenized_splits, toy_reward
 from machinery import UserError, cli
-from machinery.checkpoints import atomic_write, load_checkpoint, load_model, load_weights, open_model
-from machinery.compute import make_optimizer, optimizer_step, set_lr
+from machinery.models import load_checkpoint, load_model, load_weights
 from machinery.run import Run
-from model import GPT, IGNORE_INDEX, GPTConfig
+from model import GPT, IGNORE_INDEX, GPTConfig, param_groups
+from sample import complete
+
+
+def get_lr(step, args):
+    """Linear warmup over `warmup` steps, then constant (as dpo.py's schedule)."""
+    return args.lr * (step + 1) / args.warmup if step < args.warmup else args.lr
+
+
+def freeze(model, args):
+    """A model that only scores (pi_ref, the reward model): no gradients; on a GPU, in the training dtype."""
+    model.eval().requires_grad_(False)
+    if args.device.startswith("cuda") and args.dtype != "float32":
+        model.to(getattr(torch, args.dtype))
+    return model
+
+
+def adamw(model, lr, args):
+    """AdamW (betas 0.9, 0.95, as sft.py and dpo.py), weight decay on the matrices only."""
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95),
+                             fused=args.device.startswith("cuda"))
+
+
+def optimizer_steps(scaler, optimizers, models, grad_clip):
+    """One step of each optimizer on the gradients of one scaled backward: unscale all, clip each model, step
+    all, then one scaler update (fp16's loss scale moves once a step, however many optimizers share it)."""
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)  # fp16: the true gradients, to clip them
+    norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), grad_clip or float("inf")) for m in models]
+    for optimizer in optimizers:
+        scaler.step(optimizer)  # fp16: skipped if a gradient overflowed
+        optimizer.zero_grad(set_to_none=True)
+    scaler.update()
+    return norms
 
 
 class Scalar(nn.Module):
@@ -119,35 +145,40 @@ def reward_health(reward_model, batch):
 
 
 def train_reward(args, run):
+    compute = run.compute
     torch.manual_seed(args.seed)
     train_pairs, test_pairs = tokenized_splits(args.data, args.max_len, args.max_prompt_len, args.train_split,
                                                args.test_split)
+    batch_indices(len(train_pairs), args.batch_size, 0, args.seed)  # refuses a batch larger than the data now
     reward_model = scalar_from(load_model(args.init, args))  # the SFT model's transformer, and a new head
-    optimizer = make_optimizer(reward_model, args.lr, args.weight_decay, args.device)
+    optimizer = adamw(reward_model, args.lr, args)
+    run.depends_on(data={"training pairs": train_pairs, "held-out pairs": test_pairs})
     held_out = test_pairs[:args.batch_size]
     rows = full_rows([p["prompt"] + p["chosen"] for p in held_out] + [p["prompt"] + p["rejected"] for p in held_out],
                      args.device)
-    start = run.start(reward_model, optimizer, lambda: evaluate_reward(reward_model, test_pairs, args), rows,
-                      data=train_pairs, examples=len(train_pairs), health=(reward_health, math.log(2)))
-    for step in run.steps(start):
-        if run.eval_due(step):
-            run.checkpoint(step)
-        lr = get_lr(step, args)  # DPO's schedule: warmup, then constant
-        set_lr(optimizer, lr)
+    start = run.resume(reward_model, optimizer, rows, health=dict(measure=reward_health, uniform=math.log(2)))
+    for step in range(start, args.max_iters):
+        if args.eval_interval and step % args.eval_interval == 0:
+            run.save(step, lambda: evaluate_reward(reward_model, test_pairs, args))
+        lr = get_lr(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         t0, loss_sum, correct = time.time(), 0.0, 0.0
+        pairs_per_step = args.batch_size * args.grad_accum
         for micro in range(args.grad_accum):
             indices = batch_indices(len(train_pairs), args.batch_size, step * args.grad_accum + micro, args.seed)
-            with run.compute.autocast:
+            with compute.autocast:
                 chosen, rejected = pair_scores(reward_model, [train_pairs[i] for i in indices], args.device)
-            losses = reward_loss(chosen, rejected)
-            (losses.sum() / (args.batch_size * args.grad_accum)).backward()
+                losses = reward_loss(chosen, rejected)
+            compute.scaler.scale(losses.sum() / pairs_per_step).backward()  # the scaler: fp16's loss scaling
             loss_sum += losses.detach().sum()
             correct += (chosen > rejected).float().sum()
-        grad_norm = optimizer_step(reward_model, optimizer, run.compute.scaler, args.grad_clip)
-        pairs_per_step = args.batch_size * args.grad_accum
+        grad_norm, = optimizer_steps(compute.scaler, [optimizer], [reward_model], args.grad_clip)
         run.log({"iter": step + 1, "loss": float(loss_sum) / pairs_per_step, "accuracy": float(correct) / pairs_per_step,
                  "grad_norm": grad_norm.item(), "lr": lr, "dt_ms": (time.time() - t0) * 1000})
-    run.finish()
+        if run.stop_requested():
+            break
+    run.finish(step + 1, lambda: evaluate_reward(reward_model, test_pairs, args))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,34 +255,61 @@ def evaluate_policy(policy, reference, reward_model, prompts, args, tokenizer):
     return metrics
 
 
+def value_health(value_model, ids, start_scale):
+    """The health check's extra test for PPO's value model, () -> what is wrong or None: its predictions on
+    held-out text must be finite and within 100 times the scale they started at (returns are rewards of a
+    few units; a value model that predicts thousands has diverged)."""
+    def check():
+        was_training = value_model.training
+        value_model.eval()
+        with torch.no_grad():
+            scale = value_model(ids).abs().mean().item()
+        value_model.train(was_training)
+        cut = 100 * (1 + start_scale)
+        if not scale <= cut:  # `not <=`: nan fails too
+            return (f"the value model predicts values of {scale:.3g} on average on held-out text, over {cut:.3g} (100 "
+                    f"times its start): it has diverged. Try a lower --value_lr")
+    return check
+
+
 def train_ppo(args, run):
+    compute = run.compute
     torch.manual_seed(args.seed)
     tokenizer = get_tokenizer()
     train_pairs, test_pairs = tokenized_splits(args.data, args.max_len, args.max_prompt_len, args.train_split,
                                                args.test_split)
+    batch_indices(len(train_pairs), args.batch_size, 0, args.seed)  # refuses a batch larger than the data now
     prompts = [p["prompt"][-(args.max_len - args.max_new_tokens):] for p in train_pairs]  # room for a reply
     test_prompts = [p["prompt"][-(args.max_len - args.max_new_tokens):] for p in test_pairs[:args.eval_prompts]]
     policy = load_model(args.init, args)
-    reference = freeze(copy.deepcopy(policy), args.device, args.dtype)  # pi_ref: the SFT model, frozen
-    reward_model = None if args.oracle else freeze(load_scalar(args.reward, args.device), args.device, args.dtype)
+    reference = freeze(copy.deepcopy(policy), args)  # pi_ref: the SFT model, frozen
+    reward_model = None if args.oracle else freeze(load_scalar(args.reward, args.device), args)
     # the value model starts as the reward model (Ouyang et al., 2022), or for PPO-GT as the SFT model
     if reward_model is not None:
         value_model = copy.deepcopy(reward_model).float().requires_grad_(True).train()
     else:
         value_model = scalar_from(policy)
-    optimizer = make_optimizer(policy, args.lr, args.weight_decay, args.device)
-    value_optimizer = make_optimizer(value_model, args.value_lr, args.weight_decay, args.device)
-    start = run.start(policy, optimizer, lambda: evaluate_policy(policy, reference, reward_model, test_prompts, args,
-                                                                 tokenizer),
-                      collate(sft_examples(test_pairs[:args.batch_size], "chosen")), data=train_pairs,
-                      examples=len(train_pairs), reference=(args.init, reference),
-                      extra={"value": value_model, "value_optimizer": value_optimizer})
-    for step in run.steps(start):  # one PPO iteration: rollouts, their advantages, then a few epochs on them
-        if run.eval_due(step):
-            run.checkpoint(step)
+    optimizer, value_optimizer = adamw(policy, args.lr, args), adamw(value_model, args.value_lr, args)
+    # --resume refuses other data, another reference, or a reward model retrained since the run started
+    depends = {"reference": (args.init, reference)}
+    if reward_model is not None:
+        depends["reward model"] = (args.reward, reward_model)
+    run.depends_on(data={"training pairs": train_pairs, "held-out pairs": test_pairs}, models=depends)
+    held_out = collate(sft_examples(test_pairs[:args.batch_size], "chosen"))
+    value_ids = held_out[0].to(args.device)
+    with torch.no_grad():
+        start_scale = value_model(value_ids).abs().mean().item()
+    start = run.resume(policy, optimizer, held_out, extra={"value": value_model, "value_optimizer": value_optimizer},
+                       health=dict(checks=[value_health(value_model, value_ids, start_scale)]))
+    evaluate_now = lambda: evaluate_policy(policy, reference, reward_model, test_prompts, args, tokenizer)  # noqa: E731
+    for step in range(start, args.max_iters):  # one PPO iteration: rollouts, their advantages, then a few epochs
+        if args.eval_interval and step % args.eval_interval == 0:
+            run.save(step, evaluate_now)
         lr = get_lr(step, args)
-        set_lr(optimizer, lr)
-        set_lr(value_optimizer, args.value_lr * lr / args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for group in value_optimizer.param_groups:
+            group["lr"] = args.value_lr * lr / args.lr
         t0 = time.time()
         # 1. rollouts: a batch of replies sampled from the current policy
         batch_prompts = [prompts[i] for i in batch_indices(len(prompts), args.batch_size, step, args.seed)]
@@ -267,7 +325,8 @@ def train_ppo(args, run):
             scores = score(batch_prompts, responses, texts, reward_model, args)
         rewards = kl_penalized_rewards(old_logps, ref_logps, scores, mask, args.kl_coef)
         advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
-        on = mask.bool()  # advantages whitened over the batch's reply tokens, as is common (Ziegler et al.)
+        on = mask.bool()  # advantages whitened (shifted to mean 0, scaled to standard deviation 1) over the batch's
+        # reply tokens, as is common (Ziegler et al.): PPO's step size then does not depend on the reward's scale
         advantages = ((advantages - advantages[on].mean()) / (advantages[on].std() + 1e-8)) * mask
         # 3. PPO epochs: a few passes over the rollouts, in minibatches, the policy kept near "old" by the clip
         stats = {"pg_loss": 0.0, "value_loss": 0.0, "clipped": 0.0}
@@ -276,13 +335,13 @@ def train_ppo(args, run):
             order = torch.randperm(args.batch_size, generator=torch.Generator().manual_seed(step * 1009 + epoch))
             for first in range(0, args.batch_size, size):
                 mb = order[first:first + size].to(args.device)
-                with run.compute.autocast:
+                with compute.autocast:
                     new_logps = policy(ids[mb], labels[mb])
                     pg_loss = ppo_loss(new_logps, old_logps[mb], advantages[mb], mask[mb], args.clip)
                     v_loss = value_loss(value_model(ids[mb]), returns[mb], mask[mb])
-                (pg_loss + v_loss).backward()  # two separate models: each gets only its own gradient
-                optimizer_step(policy, optimizer, run.compute.scaler, args.grad_clip)
-                optimizer_step(value_model, value_optimizer, run.compute.scaler, args.grad_clip)
+                # one backward for both: two separate models, each gets only its own gradient; one loss scale
+                compute.scaler.scale(pg_loss + v_loss).backward()
+                optimizer_steps(compute.scaler, [optimizer, value_optimizer], [policy, value_model], args.grad_clip)
                 ratio = torch.exp(new_logps.detach() - old_logps[mb])
                 clipped = ((ratio - 1).abs() > args.clip).float() * mask[mb]
                 stats["pg_loss"] += pg_loss.item()
@@ -296,45 +355,13 @@ def train_ppo(args, run):
         if args.data == "toy":
             record["oracle_reward"] = sum(map(toy_reward, texts)) / len(texts)
         run.log(record)
-    run.finish()
+        if run.stop_requested():
+            break
+    run.finish(step + 1, evaluate_now)
 
 
 # ----------------------------------------------------------------------------------------------------
-# On-policy pairs: two samples of pi_SFT per training prompt, the oracle prefers one
-
-@torch.no_grad()
-def write_pairs(args):
-    if args.data != "toy":
-        raise UserError("on-policy pairs need the oracle: `rlhf.py pairs` runs on --data toy only")
-    tokenizer = get_tokenizer()
-    policy = open_model(args.init).to(args.device).eval()
-    texts = [p["prompt"] for p in load_preferences("toy", "train")][:args.num_prompts]
-    prompts = [tokenizer.encode_ordinary(t) for t in texts]
-    written, ties = [], 0
-    for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start:start + args.batch_size]
-        samples = []
-        for copy_number in range(2):
-            generators = [torch.Generator().manual_seed(args.seed * 1000003 + 2 * (start + i) + copy_number)
-                          for i in range(len(batch))]
-            samples.append(complete(policy, batch, tokenizer, generators, args.max_new_tokens)[1])
-        for text, a, b in zip(texts[start:start + args.batch_size], *samples):
-            if toy_reward(a) == toy_reward(b):
-                ties += 1  # the oracle prefers neither: no pair
-                continue
-            chosen, rejected = (a, b) if toy_reward(a) > toy_reward(b) else (b, a)
-            written.append({"prompt": text, "chosen": chosen, "rejected": rejected})
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-
-    def write(path):
-        with open(path, "w") as f:
-            f.writelines(json.dumps(pair) + "\n" for pair in written)
-    atomic_write(args.out, write)
-    print(f"wrote {args.out}: {len(written)} on-policy pairs of {len(prompts)} prompts ({ties} ties dropped)")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The command line: three stages
+# The command line: two stages
 
 REWARD = dict(init="out/sft", data="Anthropic/hh-rlhf", batch_size=8, grad_accum=8, max_len=512, lr=1e-5, warmup=50,
               max_iters=500, eval_interval=100)
@@ -349,25 +376,14 @@ PPO_EXPERIMENT = ("reward", "oracle", "kl_coef", "value_lr", "ppo_epochs", "mini
 
 
 def parse_args(argv):
-    if not argv or argv[0] not in ("reward", "ppo", "pairs"):
-        sys.exit("usage: python rlhf.py {reward,ppo,pairs} [flags]; python rlhf.py STAGE --help for each")
+    usage = ("usage: python rlhf.py {reward,ppo} [flags]: `reward` trains a reward model on preference pairs (stage "
+             "2), `ppo` a policy against it (stage 3); python rlhf.py STAGE --help lists each one's flags")
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage + "\n\n" + __doc__.strip())
+        sys.exit(0)
+    if not argv or argv[0] not in ("reward", "ppo"):
+        sys.exit(f"error: {usage}")
     stage, argv = argv[0], argv[1:]
-    if stage == "pairs":
-        p = cli.ArgumentParser(prog="rlhf.py pairs", description="Two samples of --init per toy training prompt, "
-                               "the oracle's preferred one as chosen (ties dropped), as a pairs file dpo.py reads.")
-        p.add_argument("--demo", action="store_true", help="from out/demo/sft, to out/demo/onpolicy-pairs.jsonl")
-        p.add_argument("--init", default="out/sft", help="the model to sample (default: out/demo/sft with --demo)")
-        p.add_argument("--data", default="toy", help="the prompts: toy only (it has an oracle)")
-        p.add_argument("--out", help="the pairs file (default: out/demo/onpolicy-pairs.jsonl)")
-        p.add_argument("--max_new_tokens", type=cli.at_least(1), default=32, help="tokens a sample, at most")
-        p.add_argument("--batch_size", type=cli.at_least(1), default=200, help="prompts sampled at once")
-        p.add_argument("--num_prompts", type=cli.at_least(1), help="the first N training prompts (default: all)")
-        p.add_argument("--seed", type=int, default=1337, help="the samples' seed")
-        args = p.parse_args(argv)
-        args.init = "out/demo/sft" if args.demo and args.init == "out/sft" else args.init
-        args.out = args.out or "out/demo/onpolicy-pairs.jsonl"
-        args.device, args.stage = "cpu", stage
-        return args
     defaults, demo = (REWARD, REWARD_DEMO) if stage == "reward" else (PPO, PPO_DEMO)
     parser = cli.training_parser(__doc__, defaults, demo)
     parser.prog = f"rlhf.py {stage}"
@@ -403,10 +419,6 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    if args.stage == "pairs":
-        with cli.user_errors():
-            write_pairs(args)
-        return
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         sys.exit("error: rlhf.py runs on one process; torchrun is for sft.py and dpo.py")
     if args.stage == "reward":

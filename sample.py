@@ -10,10 +10,9 @@ held-out accuracy, the share of --data's test pairs whose chosen reply has the h
 """
 import torch
 
-from data import EOS, HUMAN, collate, dpo_batch, get_tokenizer, inputs_and_labels, load_preferences, toy_reward
-from dpo import pair_logps, reward_accuracy
+from data import EOS, HUMAN, collate, get_tokenizer, inputs_and_labels, load_preferences, toy_reward
 from machinery import results
-from machinery.checkpoints import open_model
+from machinery.models import open_model
 from machinery.cli import ArgumentParser, HelpFormatter, at_least, description, fraction, not_negative, user_errors
 
 def parse_args(argv=None):
@@ -53,11 +52,11 @@ def response_logps(model, prompts, responses, device, batch_size=64):
     return logps
 
 
-@torch.no_grad()
-def held_out_logps(model, pairs, device, batch_size=32):
+def held_out_logps(model, pairs, device):
     """(N, 2): log pi of every held-out pair's chosen and rejected reply."""
-    batches = [[t.to(device) for t in dpo_batch(pairs[s:s + batch_size])] for s in range(0, len(pairs), batch_size)]
-    return torch.cat([torch.stack(pair_logps(model, batch), dim=1) for batch in batches])
+    prompts = [pair["prompt"] for pair in pairs]
+    return torch.tensor([response_logps(model, prompts, [p[reply] for p in pairs], device)
+                         for reply in ("chosen", "rejected")]).T
 
 
 @torch.no_grad()
@@ -88,8 +87,9 @@ def compare(args):
             rewards = [row["reward"] for row in samples[label]]
             summary[label].update(results.mean_and_error("oracle_reward", rewards))
         if pairs:  # the implicit reward without beta, log(pi / pi_ref), should rank the chosen reply higher
-            rewards = held_out_logps(model, pairs, args.device) - reference_logps
-            summary[label]["accuracy"] = reward_accuracy(rewards[:, 0], rewards[:, 1]).item()
+            chosen, rejected = (held_out_logps(model, pairs, args.device) - reference_logps).unbind(1)
+            # a tie counts half, so the reference itself reads 0.5 (as dpo.reward_accuracy)
+            summary[label]["accuracy"] = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
     return prompts, samples, summary
 
 

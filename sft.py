@@ -12,13 +12,14 @@ import math
 import time
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import batch_indices, collate, sft_examples, tokenized_splits
 from machinery import cli
-from machinery.checkpoints import load_model
-from machinery.compute import make_optimizer, optimizer_step, set_lr, wrap
+from machinery.fast import use_chunked_head
+from machinery.models import load_model
 from machinery.run import Run
-from model import IGNORE_INDEX
+from model import IGNORE_INDEX, param_groups
 
 # GPT-2 small on HH-RLHF on one GPU: 64 examples a step, about 0.6 epochs of HH's 161k training pairs
 # (common practice, not tuned here).
@@ -89,43 +90,60 @@ def train(args, run):
                                                args.test_split)
     train_examples = sft_examples(train_pairs, args.target)
     test_examples = sft_examples(test_pairs, args.target)
+    response_tokens = [len(labels) - labels.count(IGNORE_INDEX) for _, labels in train_examples]
+    batch_indices(len(train_examples), args.batch_size, 0, args.seed)  # refuses a batch larger than the data now
 
     model = load_model(args.init, args)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.device)
-    start = run.start(model, optimizer, lambda: evaluate(model, test_examples, args, compute),
-                      held_out=collate(test_examples[:args.batch_size]), data=train_pairs, examples=len(train_examples))
-    train_model = wrap(model, compute)  # torchrun: DDP averages the processes' gradients in backward
+    if args.chunked_head:  # opt-in: the same log-probs with less memory (docs/performance.md)
+        use_chunked_head(model)
+    model.grad_checkpoint = args.grad_checkpoint  # opt-in: recompute each block in backward, for less memory
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
+                                  fused=args.device.startswith("cuda"))  # fused: one kernel for all the weights
+    run.depends_on(data={"training pairs": train_pairs, "held-out pairs": test_pairs})  # --resume: refuses others
+    # --resume: the checkpoint; the health check scores these held-out replies before every save (docs/runs.md)
+    start = run.resume(model, optimizer, collate(test_examples[:args.batch_size]))
+    if args.compile:
+        model.compile()  # in place: the state_dict keys stay those of the plain model
+    ddp_model = DDP(model) if compute.world_size > 1 else model  # torchrun: DDP averages gradients across processes
 
-    for step in run.steps(start):  # range(start, max_iters); Ctrl-C and SIGTERM end it after a whole step
-        if run.eval_due(step):  # every eval_interval steps: evaluate, then save if the model is healthy
-            run.checkpoint(step)
+    for step in range(start, args.max_iters):
+        if args.eval_interval and step % args.eval_interval == 0:  # evaluate, check health, then save
+            run.save(step, lambda: evaluate(model, test_examples, args, compute))
         lr = get_lr(step, args)
-        set_lr(optimizer, lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         t0 = time.time()
 
         # Gradient accumulation. The loss is the mean over every response token of the step, so each micro-batch
         # divides its summed log-likelihood by that step-wide count: k micro-batches then add up to exactly the
         # gradient of one batch k times larger, however response lengths differ. (Averaging each micro-batch's
         # own mean, then dividing by k, would weigh a token of a short micro-batch more than one of a long one.)
-        micro_batches, loss_scale = compute.share(args.grad_accum)  # torchrun: this process's part of the step
-        batches = [collate([train_examples[i] for i in batch_indices(len(train_examples), args.batch_size,
-                                                                       step * args.grad_accum + micro, args.seed)])
-                   for micro in micro_batches]
-        n_tokens, n_seen = compute.all_reduce_sum([sum((labels != IGNORE_INDEX).sum().item() for _, labels in batches),
-                                                   sum(input_ids.numel() for input_ids, _ in batches)])
-        loss_sum = 0.0
-        for i, (input_ids, labels) in enumerate(batches):
-            compute.sync(train_model, last=i == len(batches) - 1)  # torchrun: average gradients once, at the end
+        step_batches = [batch_indices(len(train_examples), args.batch_size, step * args.grad_accum + micro, args.seed)
+                        for micro in range(args.grad_accum)]
+        n_tokens = sum(response_tokens[i] for indices in step_batches for i in indices)
+        mine = step_batches[compute.rank::compute.world_size]  # torchrun: this process's micro-batches (alone: all)
+        loss_sum, n_seen = 0.0, 0
+        for i, indices in enumerate(mine):
+            input_ids, labels = (t.to(args.device) for t in collate([train_examples[j] for j in indices]))
+            ddp_model.require_backward_grad_sync = i == len(mine) - 1  # torchrun: sync gradients on the last only
             with compute.autocast:  # mixed precision on a GPU (bf16 or fp16 matmuls); nothing on a CPU
-                loss = sft_loss(train_model, input_ids.to(args.device), labels.to(args.device), n_tokens)
-            compute.scaler.scale(loss * loss_scale).backward()  # the scaler: fp16's loss scaling (else x 1)
+                loss = sft_loss(ddp_model, input_ids, labels, n_tokens)
+            # the scaler: fp16's loss scaling (x 1 otherwise); x world_size: DDP averages where the step adds up
+            compute.scaler.scale(loss * compute.world_size).backward()
             loss_sum += loss.detach()  # stays on the device: no CPU-GPU sync per micro-batch
-        grad_norm = optimizer_step(model, optimizer, compute.scaler, args.grad_clip)  # unscale, clip, step
+            n_seen += input_ids.numel()
+        compute.scaler.unscale_(optimizer)  # fp16: the true gradients, to clip them
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        compute.scaler.step(optimizer)  # fp16: skipped if a gradient overflowed
+        compute.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
-        run.log({"iter": step + 1, "loss": compute.all_reduce_sum(float(loss_sum)), "lr": lr,
-                 "grad_norm": grad_norm.item(), "dt_ms": dt * 1000, "tokens_per_s": n_seen / dt})
-
-    run.finish()  # the last checkpoint: evaluated, checked, then saved; and what to run next
+        loss_sum, n_seen = compute.all_reduce_sum([float(loss_sum), n_seen])  # torchrun: summed over the processes
+        run.log({"iter": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(), "dt_ms": dt * 1000,
+                 "tokens_per_s": n_seen / dt})
+        if run.stop_requested():  # Ctrl-C or SIGTERM: this step is done; save it and stop
+            break
+    run.finish(step + 1, lambda: evaluate(model, test_examples, args, compute))  # the last checkpoint; what's next
 
 
 def main(argv=None):

@@ -14,7 +14,8 @@ weighted v, in each of L layers); per labelled token 6 C V for the head. A causa
 T (T + 1) / 2 such pairs; a packed row has fewer tokens and fewer pairs (the prompt's queries are not
 repeated, and a response does not see the other one), so its MFU counts only that work. The reference
 costs the forward third (2 N, 4 L C, 2 C V). Not counted, because the model does not need them: the
-recomputed head in backward (model.LabelLogProbs), the recomputed blocks of --grad_checkpoint.
+recomputed head in backward of --chunked_head (machinery/fast.LabelLogProbs), the recomputed blocks of
+--grad_checkpoint.
 
     python -m benchmarks.bench                          # gpt2 shapes, default device and dtype
     python -m benchmarks.bench --model gpt2-medium --dtype bfloat16 --compile
@@ -23,6 +24,7 @@ recomputed head in backward (model.LabelLogProbs), the recomputed blocks of --gr
 
 The computed memory of a DPO step for every GPT-2 size is benchmarks/memory.py's.
 """
+import argparse
 import json
 import math
 import resource
@@ -35,9 +37,9 @@ import dpo
 import sft
 from data import collate, dpo_batch, inputs_and_labels
 from machinery.cli import ArgumentParser, HelpFormatter, description, user_errors
-from machinery.compute import init_compute, make_optimizer, optimizer_step
-from machinery.fast import packed_dpo_batch
-from model import GPT, GPT2_SIZES, IGNORE_INDEX, GPTConfig
+from machinery.compute import init_compute
+from machinery.fast import packed_dpo_batch, use_chunked_head
+from model import GPT, GPT2_SIZES, IGNORE_INDEX, GPTConfig, param_groups
 
 # dense peak TFLOP/s by GPU name and dtype (vendor datasheets; SXM parts); TF32 stands in for fp32
 PEAK_TFLOPS = {"H100": {"bfloat16": 989, "float16": 989, "float32": 494},
@@ -61,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--precompute_ref", action="store_true", help="DPO without the reference in the step")
     p.add_argument("--share_prompt", action="store_true", help="DPO on packed rows, each prompt once")
     p.add_argument("--grad_checkpoint", action="store_true", help="recompute each block in backward")
+    p.add_argument("--chunked_head", action="store_true", help="the output layer chunk by chunk (machinery/fast.py), "
+                   "as the scripts' --chunked_head")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     p.add_argument("--only", choices=["sft", "dpo"], help="measure one of the two (default: both)")
@@ -181,6 +185,15 @@ def model_config(args):
     return GPTConfig(block_size=max(1024, args.seq_len), **shape)  # packed rows are longer, their positions not
 
 
+def optimizer_step(model, optimizer, scaler, grad_clip=1.0):
+    """The end of sft.py's and dpo.py's step: unscale, clip, step, update, clear."""
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def run(args):
     """Measure, print the table, and return what was measured as a dict (written by --json)."""
     compute = init_compute(args)
@@ -197,15 +210,17 @@ def run(args):
 
     policy = new_model()
     policy.grad_checkpoint = args.grad_checkpoint
-    optimizer = make_optimizer(policy, 1e-6, 0.0, device)
+    if args.chunked_head:
+        use_chunked_head(policy)
+    optimizer = torch.optim.AdamW(param_groups(policy, 0.0), lr=1e-6, betas=(0.9, 0.95), fused=device.startswith("cuda"))
     if args.compile:
         policy.compile()
     reference = None  # made after the SFT step is measured, so that its memory counts for DPO only
     scaler = compute.scaler
 
-    def update(loss):
+    def update(loss):  # the scripts' own step: backward, unscale, clip, step
         scaler.scale(loss).backward()
-        optimizer_step(policy, optimizer, scaler, grad_clip=1.0)
+        optimizer_step(policy, optimizer, scaler)
 
     pairs = synthetic_pairs(args.batch_size, args.seq_len, args.response_frac, config.vocab_size)
     sft_ids, sft_labels = (t.to(device) for t in collate([inputs_and_labels(p["prompt"], p["chosen"]) for p in pairs]))
@@ -233,7 +248,9 @@ def run(args):
         counts = counted_work(pairs, layout)
         flops = pass_flops(config, *counts)
         if not args.precompute_ref:
-            reference = dpo.freeze(new_model(), device, dtype)
+            reference = dpo.freeze(new_model(), argparse.Namespace(device=device, dtype=dtype))
+            if args.chunked_head:
+                use_chunked_head(reference)
             if args.compile:
                 reference.compile()
             flops += pass_flops(config, *counts, train=False)
@@ -244,7 +261,7 @@ def run(args):
     result = {"shape": label, **shape, "batch_size": args.batch_size, "seq_len": args.seq_len,
               "response_frac": args.response_frac, "dtype": dtype, "compile": args.compile,
               "precompute_ref": args.precompute_ref, "share_prompt": args.share_prompt,
-              "grad_checkpoint": args.grad_checkpoint, "device": name, "peak_tflops": peak, "steps": []}
+              "grad_checkpoint": args.grad_checkpoint, "chunked_head": args.chunked_head, "device": name, "peak_tflops": peak, "steps": []}
     for kind, (tokens, attended, labelled), flops, seconds, memory in steps:
         pair_tokens = tokens if kind == "sft" else sequence_tokens
         result["steps"].append({"step": kind, "ms": seconds * 1000, "tokens_per_s": pair_tokens / seconds,
@@ -253,7 +270,8 @@ def run(args):
                                 "mfu": flops / seconds / 1e12 / peak, "peak_memory_mb": memory / 2**20})
     print(f"{label} shape ({config.n_layer} layers x {config.n_embd}), batch {args.batch_size}, seq_len "
           f"{args.seq_len}, response {args.response_frac:.0%}, {dtype}, compile {args.compile}, precompute_ref "
-          f"{args.precompute_ref}, share_prompt {args.share_prompt}, grad_checkpoint {args.grad_checkpoint}; "
+          f"{args.precompute_ref}, share_prompt {args.share_prompt}, grad_checkpoint {args.grad_checkpoint}, "
+          f"chunked_head {args.chunked_head}; "
           f"{name}, peak {peak:.1f} TFLOP/s")
     print(f"{'step':5s} {'ms':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak mem':>9s}")
     for s in result["steps"]:

@@ -2,7 +2,7 @@
 
     pip install trl                                     # only this comparison needs it
     python -m benchmarks.compare_trl                    # both sides; ~10 minutes on 2 CPU cores
-    python -m benchmarks.compare_trl --share_prompt     # our side with dpo.py --share_prompt
+    python -m benchmarks.compare_trl --chunked_head --share_prompt   # and our side with each of these flags
     python -m benchmarks.compare_trl --ours_only        # no trl needed
 
 The workload (benchmarks/workload.py, built under --workload on first use): 400 real HH-RLHF pairs that
@@ -35,7 +35,8 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="python -m benchmarks.compare_trl", description=description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--workload", default=os.path.join(ROOT, "out", "trl-workload"),
                    help="where the workload is built and kept (default: out/trl-workload)")
-    p.add_argument("--share_prompt", action="store_true", help="run our side with dpo.py --share_prompt")
+    p.add_argument("--share_prompt", action="store_true", help="our side also with dpo.py --share_prompt")
+    p.add_argument("--chunked_head", action="store_true", help="our side also with dpo.py --chunked_head")
     p.add_argument("--ours_only", action="store_true", help="measure our side only (no trl needed)")
     p.add_argument("--short", type=int, default=2, help="steps of the shorter run")
     p.add_argument("--long", type=int, default=10, help="steps of the longer run")
@@ -45,13 +46,14 @@ def parse_args(argv=None):
     return args
 
 
-def ours_command(checkpoint, pairs, steps, out_dir, share_prompt=False):
-    """dpo.py with the workload's settings; a fresh out_dir each run (a run never continues another)."""
+def ours_command(checkpoint, pairs, steps, out_dir, extra=()):
+    """dpo.py with the workload's settings, and extra flags; a fresh out_dir each run (a run never continues
+    another)."""
     command = [sys.executable, os.path.join(ROOT, "dpo.py"), "--init", checkpoint, "--data", pairs,
                "--batch_size", str(BATCH_PAIRS), "--grad_accum", "1", "--max_len", str(workload.MAX_TOKENS),
                "--max_iters", str(steps), "--lr", "1e-6", "--beta", "0.1", "--optimizer", "adamw", "--device", "cpu",
                "--dtype", "float32", "--eval_interval", "0", "--out_dir", out_dir]
-    return command + (["--share_prompt"] if share_prompt else [])
+    return command + list(extra)
 
 
 def trl_command(workload_dir, steps):
@@ -90,10 +92,14 @@ def main(argv=None):
         checkpoint, pairs = workload.build(args.workload)
         scratch = tempfile.mkdtemp(prefix="runs-", dir=args.workload)
         load_before = os.getloadavg()
-        ours_name = "nanoDPO dpo.py" + (" --share_prompt" if args.share_prompt else "")
-        results = {ours_name: per_step(
-            lambda steps: ours_command(checkpoint, pairs, steps, os.path.join(scratch, f"ours-{steps}"), args.share_prompt),
-            args, "ours", scratch)}
+        variants = [[]] + [[flag] for flag in ("--chunked_head", "--share_prompt") if getattr(args, flag[2:])]
+        results = {}
+        for extra in variants:
+            name = " ".join(["nanoDPO dpo.py", *extra])
+            tag = "ours" + "".join(extra).replace("--", "-")
+            results[name] = per_step(lambda steps: ours_command(checkpoint, pairs, steps,
+                                                                os.path.join(scratch, f"{tag}-{steps}"), extra),
+                                     args, tag, scratch)
         if not args.ours_only:
             results["TRL DPOTrainer"] = per_step(lambda steps: trl_command(args.workload, steps), args, "trl", scratch)
         load_after = os.getloadavg()
@@ -101,13 +107,12 @@ def main(argv=None):
 
     print(f"\nload average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in load_before)} before, "
           f"{' '.join(f'{x:.2f}' for x in load_after)} after; {os.cpu_count()} CPUs\n")
-    print("| | seconds per DPO step | peak RSS |")
-    print("|---|---|---|")
+    trl = results.get("TRL DPOTrainer")
+    print("| | seconds per DPO step | peak RSS |" + (" over TRL's: time | memory |" if trl else ""))
+    print("|---|---|---|" + ("---|---|" if trl else ""))
     for name, (seconds, rss) in results.items():
-        print(f"| {name} | {seconds:.3f} | {rss:,.0f} MiB |")
-    if not args.ours_only:
-        (ours_seconds, ours_rss), (trl_seconds, trl_rss) = results.values()
-        print(f"| ratio | **{ours_seconds / trl_seconds:.3f}** | **{ours_rss / trl_rss:.3f}** |")
+        ratios = f" **{seconds / trl[0]:.3f}** | {rss / trl[1]:.3f} |" if trl else ""
+        print(f"| {name} | {seconds:.3f} | {rss:,.0f} MiB |{ratios}")
     return results
 
 

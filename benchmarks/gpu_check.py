@@ -38,8 +38,10 @@ import xml.etree.ElementTree as ElementTree
 import torch
 
 from benchmarks import bench, memory
+from data import dpo_batch, get_tokenizer
+from machinery import UserError
 from machinery.cli import ArgumentParser, HelpFormatter, description
-from model import GPT2_SIZES
+from model import GPT, GPT2_SIZES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,7 +143,7 @@ def memory_job(flags, model, mode):
         result = bench.run(parsed)
         _, computed = memory.memory_terms(bench.model_config(parsed), parsed.batch_size, parsed.seq_len,
                                          parsed.response_frac, reference=not parsed.precompute_ref,
-                                         grad_checkpoint=parsed.grad_checkpoint)
+                                         grad_checkpoint=parsed.grad_checkpoint, chunked_head=parsed.chunked_head)
         measured = result["steps"][0]["peak_memory_mb"] * 2**20 if args.device.startswith("cuda") else None
         return {"model": model, "mode": mode, "measured_bytes": measured, "computed_bytes": computed,
                 "ratio": measured / computed if measured else None, "bench": result}
@@ -151,8 +153,6 @@ def memory_job(flags, model, mode):
 def activation_job(args, log):
     """What autograd keeps in one bf16 forward of the policy on the GPU's own kernels (flash attention),
     against bench.activation_bytes + the bf16 weight copies: the activation term of the table, checked."""
-    from data import dpo_batch
-    from model import GPT
     parsed = bench.parse_args(bench_flags(args, "gpt2", extra=["--response_frac", "0.5"]))
     config = bench.model_config(parsed)
     torch.manual_seed(0)
@@ -164,7 +164,7 @@ def activation_job(args, log):
     measured = memory.saved_activation_bytes(model, batch, autocast)
     labelled = bench.counted_work(pairs, "stacked")[2]
     computed = (memory.activation_bytes(config, 2 * parsed.batch_size, parsed.seq_len, labelled, 2)
-                + 2 * 12 * config.n_layer * config.n_embd ** 2)
+                + 2 * 12 * config.n_layer * config.n_embd ** 2)  # the plain head, model.py's default
     return {"measured_bytes": measured, "computed_bytes": computed, "ratio": measured / computed}
 
 
@@ -214,8 +214,6 @@ def run_torchrun(args, log):
     the tokens/s."""
     if torch.cuda.device_count() < 2:
         raise Skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
-    from data import get_tokenizer
-    from machinery import UserError
     try:
         get_tokenizer()
     except UserError as error:

@@ -1,6 +1,7 @@
 """The memory of a DPO step, computed: bf16 autocast on a GPU, every term counted from the shapes, and the
-table of which GPT-2 fits which card. tests/test_memory.py checks the activation term byte for byte
-against what autograd keeps, and benchmarks/memory_check.py the whole peak against Linux's measured one.
+table of which GPT-2 fits which card, with model.py's plain output layer (the default) and with --chunked_head.
+tests/test_memory.py checks the activation term byte for byte against what autograd keeps, and
+benchmarks/memory_check.py the whole peak against Linux's measured one.
 
     python -m benchmarks.memory                          # 8 pairs x 512 tokens, gpt2 to gpt2-xl
     python -m benchmarks.memory --batch_size 4 --seq_len 1024
@@ -35,15 +36,20 @@ def block_bytes_per_token(config, matmul_bytes=2, grad_checkpoint=False):
             + config.n_head * fp32)  # attention's log-sum-exp, per head
 
 
-def activation_bytes(config, rows, seq_len, labelled, matmul_bytes=2, grad_checkpoint=False):
+def activation_bytes(config, rows, seq_len, labelled, matmul_bytes=2, grad_checkpoint=False, chunked_head=False):
     """Bytes the policy's forward keeps for backward on `rows` x `seq_len` tokens (stacked rows), of which
-    `labelled` go through the head. Autocast's bf16 copies of the weights are not in here (memory_terms
-    has them)."""
+    `labelled` go through the head. Autocast's bf16 copies of the blocks' weights are not in here
+    (memory_terms has them)."""
     tokens, fp32, index = rows * seq_len, 4, 8
+    C, V = config.n_embd, config.vocab_size
     blocks = config.n_layer * block_bytes_per_token(config, matmul_bytes, grad_checkpoint) * tokens
-    outside = (index + fp32 * config.n_embd + 2 * fp32 + 1) * tokens  # token ids, ln_f input, mean, 1/std, label mask
+    outside = (index + fp32 * C + 2 * fp32 + 1) * tokens  # token ids, ln_f input, mean, 1/std, label mask
     positions = index * seq_len
-    head = (fp32 * config.n_embd + index + fp32) * labelled  # LabelLogProbs: hidden state, target, log-sum-exp
+    if chunked_head:  # LabelLogProbs: hidden state, target, log-sum-exp
+        head = (fp32 * C + index + fp32) * labelled
+    else:  # GPT.label_logps: the head's input, the log-softmax's fp32 output, the targets; under autocast the
+        # head's weight in bf16 too (the matmul keeps it)
+        head = (matmul_bytes * C + fp32 * V + index) * labelled + (matmul_bytes * V * C if matmul_bytes < 4 else 0)
     return blocks + outside + positions + head
 
 
@@ -63,14 +69,19 @@ def saved_activation_bytes(model, batch, autocast):
     return sum(size for pointer, size in storages.items() if pointer not in weights)
 
 
-def head_scratch_bytes(config, chunk_rows, matmul_bytes=2):
-    """(forward, backward): the most model.LabelLogProbs holds at once beyond its saved tensors, for chunks
-    of chunk_rows rows. Forward: the fp32 logits and logsumexp's exp(logits - max), both (rows, V).
+def head_scratch_bytes(config, chunk_rows, matmul_bytes=2, chunked_head=True):
+    """(forward, backward): the most the output layer holds at once beyond its saved tensors. Plain
+    (GPT.label_logps, on chunk_rows = all labelled rows): forward, the reference's logits, their fp32 copy
+    under autocast and its log-softmax (the reference keeps none of them); backward, the gradient the label
+    lookup (gather) sends back and the one log-softmax's backward makes, both (rows, V) in fp32.
+    Chunked (LabelLogProbs), for chunks of chunk_rows rows: forward, the fp32 logits and logsumexp's exp(logits - max), both (rows, V).
     Backward: the head's fp32 gradient accumulator (V, C), then either the fp32 chunk gradient and its
     matmul-precision copy, or that copy with the (V, C) weight-gradient product and its fp32 copy. Under
     bf16 the head's weights are cast once more (w); in fp32 none of the copies exist."""
     V, C = config.vocab_size, config.n_embd
     cast = matmul_bytes < 4
+    if not chunked_head:
+        return chunk_rows * V * (matmul_bytes + 4 * cast + 4), 8 * chunk_rows * V
     w = matmul_bytes * V * C if cast else 0
     forward = w + 8 * chunk_rows * V
     backward = w + 4 * V * C + max(4 * chunk_rows * V + cast * matmul_bytes * chunk_rows * V,
@@ -79,26 +90,27 @@ def head_scratch_bytes(config, chunk_rows, matmul_bytes=2):
 
 
 def memory_terms(config, batch_pairs, seq_len, response_frac, reference=True, grad_checkpoint=False,
-                 matmul_bytes=2, fused_optimizer=True, chunk_budget=LabelLogProbs.BUDGET["cuda"]):
+                 matmul_bytes=2, fused_optimizer=True, chunked_head=False, chunk_budget=LabelLogProbs.BUDGET["cuda"]):
     """The terms of a stacked DPO step's memory (bytes) and its peak, the largest of four moments: the
     end of the forward passes (the reference's head last), the start of backward (the policy's head
     first), the end of backward, and the optimizer step. matmul_bytes 2: bf16 autocast, the reference
-    cast to bf16 (dpo.freeze on a GPU); 4: fp32 throughout. fused_optimizer: AdamW(fused=True), as
-    runs.make_optimizer on a GPU; without it torch's AdamW makes temporaries the size of a weight."""
+    cast to bf16 (dpo.freeze on a GPU); 4: fp32 throughout. fused_optimizer: AdamW(fused=True), as sft.py
+    and dpo.py make it on a GPU; without it torch's AdamW makes temporaries the size of a weight.
+    chunked_head: --chunked_head's LabelLogProbs instead of model.py's plain head."""
     P = parameter_count(config)
     C, V = config.n_embd, config.vocab_size
     rows, tokens = 2 * batch_pairs, 2 * batch_pairs * seq_len
     labelled = rows * round(seq_len * response_frac)
-    chunk_rows = min(labelled, max(1, chunk_budget // (4 * V)))
+    chunk_rows = min(labelled, max(1, chunk_budget // (4 * V))) if chunked_head else labelled
     one_block = block_bytes_per_token(config, matmul_bytes) * tokens
-    head_forward, head_backward = head_scratch_bytes(config, chunk_rows, matmul_bytes)
+    head_forward, head_backward = head_scratch_bytes(config, chunk_rows, matmul_bytes, chunked_head)
     terms = {
         "weights and AdamW moments": 4 * P + 8 * P,  # fp32 master weights, exp_avg, exp_avg_sq
         "reference": matmul_bytes * P if reference else 0,
         # autocast's bf16 casts of the blocks' matmul weights: cached until the forward passes end, and kept
         # for backward by the matmuls, unless --grad_checkpoint recomputes (and recasts) them there
         "bf16 weight copies": 2 * 12 * config.n_layer * C * C if matmul_bytes < 4 else 0,
-        "activations": activation_bytes(config, rows, seq_len, labelled, matmul_bytes, grad_checkpoint),
+        "activations": activation_bytes(config, rows, seq_len, labelled, matmul_bytes, grad_checkpoint, chunked_head),
         "head scratch, forward": head_forward,
         "head scratch, backward": head_backward,
         "gradients": 4 * P,  # fp32; all of them exist only at the end of backward
@@ -123,13 +135,14 @@ MEMORY_MODES = (("reference live", True, False), ("--precompute_ref", False, Fal
                 ("--grad_checkpoint", True, True), ("--grad_checkpoint --precompute_ref", False, True))
 
 
-def memory_table(batch_pairs=8, seq_len=512, response_frac=0.5):
+def memory_table(batch_pairs=8, seq_len=512, response_frac=0.5, chunked_head=False):
     """Rows (size, mode, peak GiB, cards it fits) for every GPT-2 size and memory mode."""
     rows = []
     for name, shape in GPT2_SIZES.items():
         config = GPTConfig(**shape)
         for mode, reference, grad_checkpoint in MEMORY_MODES:
-            _, peak = memory_terms(config, batch_pairs, seq_len, response_frac, reference, grad_checkpoint)
+            _, peak = memory_terms(config, batch_pairs, seq_len, response_frac, reference, grad_checkpoint,
+                                   chunked_head=chunked_head)
             gib = peak / 2**30
             fits = [card for card in CARDS_GIB if gib <= USABLE * card]
             rows.append({"model": name, "mode": mode, "peak_gib": gib, "fits": fits})
@@ -137,11 +150,13 @@ def memory_table(batch_pairs=8, seq_len=512, response_frac=0.5):
 
 
 def print_memory_table(args):
+    head = "--chunked_head" if args.chunked_head else "the plain output layer"
     print(f"DPO step, {args.batch_size} pairs x {args.seq_len} tokens (stacked rows, {args.response_frac:.0%} "
-          f"response), bf16 autocast, AdamW; computed, not measured; a card fits at <= {USABLE:.0%} of its memory")
+          f"response), bf16 autocast, AdamW, {head}; computed, not measured; a card fits at <= {USABLE:.0%} of its "
+          "memory")
     print("| model | mode | peak (GiB) | " + " | ".join(f"{card} GB" for card in CARDS_GIB) + " |")
     print("|---|---|---:|" + ":---:|" * len(CARDS_GIB))
-    for row in memory_table(args.batch_size, args.seq_len, args.response_frac):
+    for row in memory_table(args.batch_size, args.seq_len, args.response_frac, args.chunked_head):
         marks = " | ".join("yes" if card in row["fits"] else "no" for card in CARDS_GIB)
         print(f"| {row['model']} | {row['mode']} | {row['peak_gib']:.1f} computed | {marks} |")
 
@@ -151,6 +166,8 @@ def main(argv=None):
     p.add_argument("--batch_size", type=at_least(1), default=8, help="pairs per micro-batch")
     p.add_argument("--seq_len", type=at_least(2), default=512, help="tokens in every sequence (prompt + one response)")
     p.add_argument("--response_frac", type=fraction(0, 1), default=0.5, help="the share of each sequence that is response")
+    p.add_argument("--chunked_head", action="store_true", help="the output layer chunk by chunk, as the training "
+                   "scripts' --chunked_head (default: model.py's plain head)")
     args = p.parse_args(argv)
     with user_errors():
         print_memory_table(args)

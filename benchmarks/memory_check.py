@@ -8,10 +8,11 @@ That is compared with memory_terms' peak minus its resting part (weights, moment
 for the same shapes. glibc is told to map every allocation of 64 kB or more on its own
 (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident set at once instead of staying cached.
 
-    python -m benchmarks.memory_check      # 6 configurations of a 6 x 384 model; ~15 min on 2 cores (bf16 is slow there)
+    python -m benchmarks.memory_check      # 8 configurations of a 6 x 384 model; ~20 min on 2 cores (bf16 is slow there)
 
 bf16 runs under CPU autocast, which casts as CUDA's does (matmul inputs bf16, LayerNorm fp32), with the
-reference cast to bf16 as dpo.freeze does on a GPU; LabelLogProbs works in the CPU's 32 MB chunks.
+reference cast to bf16 as dpo.freeze does on a GPU; the last two rows use --chunked_head (LabelLogProbs, in
+the CPU's 32 MB chunks) instead of model.py's plain output layer.
 """
 import argparse
 import contextlib
@@ -26,15 +27,16 @@ import dpo
 from benchmarks import bench, memory
 from data import dpo_batch
 from machinery.cli import ArgumentParser
-from machinery.compute import optimizer_step
-from machinery.fast import LabelLogProbs
+from machinery.fast import LabelLogProbs, use_chunked_head
 from model import GPT, GPTConfig
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384)
 PAIRS, SEQ_LEN = 2, 256
-# (precision, grad_checkpoint, fused AdamW, reference live)
-CONFIGURATIONS = [("float32", False, False, True), ("float32", True, False, True), ("float32", True, True, True),
-                  ("bfloat16", False, True, True), ("bfloat16", True, True, True), ("bfloat16", False, True, False)]
+# (precision, grad_checkpoint, fused AdamW, reference live, --chunked_head)
+CONFIGURATIONS = [("float32", False, False, True, False), ("float32", True, False, True, False),
+                  ("float32", True, True, True, False), ("bfloat16", False, True, True, False),
+                  ("bfloat16", True, True, True, False), ("bfloat16", False, True, False, False),
+                  ("float32", False, False, True, True), ("bfloat16", False, True, True, True)]
 
 
 def resident(field):
@@ -42,12 +44,14 @@ def resident(field):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def measure(precision, grad_checkpoint, fused, reference_live):
+def measure(precision, grad_checkpoint, fused, reference_live, chunked_head):
     """The peak above rest of one steady DPO step, in this process (bytes)."""
     torch.manual_seed(0)
     config = GPTConfig(**SHAPE)
     policy = GPT(config)
     policy.grad_checkpoint = grad_checkpoint
+    if chunked_head:
+        use_chunked_head(policy)  # before the copy: the reference gets its own chunked head
     # as dpo.freeze does on a GPU (it casts only there): this CPU stands in for one
     reference = copy.deepcopy(policy).eval().requires_grad_(False).to(getattr(torch, precision))
     cached = None
@@ -62,9 +66,9 @@ def measure(precision, grad_checkpoint, fused, reference_live):
     def step():
         with autocast:
             chosen, rejected = dpo.pair_logps(policy, batch)
-            ref_chosen, ref_rejected = dpo.reference_pair_logps(reference, batch, cached)
+            ref_chosen, ref_rejected = bench.reference_logps(reference, batch, cached)
         dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)[0].mean().backward()
-        optimizer_step(policy, optimizer, no_scaling, grad_clip=1.0)  # the scripts' own clip and step
+        bench.optimizer_step(policy, optimizer, no_scaling)  # the scripts' own clip and step
 
     step()
     step()
@@ -75,10 +79,10 @@ def measure(precision, grad_checkpoint, fused, reference_live):
     return resident("VmHWM") - rest
 
 
-def computed(precision, grad_checkpoint, fused, reference_live):
+def computed(precision, grad_checkpoint, fused, reference_live, chunked_head):
     terms, peak = memory.memory_terms(GPTConfig(**SHAPE), PAIRS, SEQ_LEN, 0.5, reference_live, grad_checkpoint,
                                      matmul_bytes=2 if precision == "bfloat16" else 4, fused_optimizer=fused,
-                                     chunk_budget=LabelLogProbs.BUDGET["cpu"])
+                                     chunked_head=chunked_head, chunk_budget=LabelLogProbs.BUDGET["cpu"])
     return peak - terms["weights and AdamW moments"] - terms["reference"]
 
 
@@ -93,18 +97,19 @@ def main(argv=None):
     if not os.path.exists("/proc/self/clear_refs"):
         sys.exit("error: this check reads Linux's /proc/self/status and resets its peak; run it on Linux")
     print(f"DPO step, {SHAPE['n_layer']} layers x {SHAPE['n_embd']}, {PAIRS} pairs x {SEQ_LEN} tokens, CPU")
-    print("| precision | --grad_checkpoint | fused AdamW | reference | measured MiB | computed MiB | measured / computed |")
-    print("|---|---|---|---|---:|---:|---:|")
+    print("| precision | --grad_checkpoint | fused AdamW | reference | head | measured MiB | computed MiB | "
+          "measured / computed |")
+    print("|---|---|---|---|---|---:|---:|---:|")
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for number, configuration in enumerate(CONFIGURATIONS):
         child = subprocess.run([sys.executable, "-m", "benchmarks.memory_check", "--one", str(number)], env=environment,
                                capture_output=True, text=True, check=True)
         measured = int(child.stdout.split()[-1])
         expected = computed(*configuration)
-        precision, grad_checkpoint, fused, reference_live = configuration
+        precision, grad_checkpoint, fused, reference_live, chunked_head = configuration
         print(f"| {precision} | {'yes' if grad_checkpoint else 'no'} | {'yes' if fused else 'no'} | "
-              f"{'live' if reference_live else 'precomputed'} | {measured / 2**20:.1f} | {expected / 2**20:.1f} | "
-              f"{measured / expected:.3f} |", flush=True)
+              f"{'live' if reference_live else 'precomputed'} | {'chunked' if chunked_head else 'plain'} | "
+              f"{measured / 2**20:.1f} | {expected / 2**20:.1f} | {measured / expected:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

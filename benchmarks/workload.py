@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from data import get_tokenizer
+from data import HH, get_tokenizer
 from machinery import UserError
 from machinery.cli import user_errors
 from machinery.formats import records_to_pairs
@@ -41,7 +41,7 @@ def hh_pairs(n=N_PAIRS, max_tokens=MAX_TOKENS, path=EXCERPT):
     """The first n pairs of the excerpt, in file order, that fit in max_tokens with the EOS dpo.py adds."""
     with gzip.open(path, "rt", encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
-    _, outcomes = records_to_pairs(records)
+    _, outcomes = records_to_pairs(records, HH)
     pairs = [outcome for outcome in outcomes if isinstance(outcome, dict)]  # the rest are reasons for a drop
     encode = get_tokenizer().encode_ordinary_batch
     lengths = zip(*(map(len, encode([pair[field] for pair in pairs])) for field in ("prompt", "chosen", "rejected")))

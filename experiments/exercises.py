@@ -7,50 +7,77 @@ diffs are made from EXERCISES by experiments/tables.py.
 """
 import contextlib
 import inspect
+import io
 import json
 import math
 import os
 import shutil
+import tokenize
+
+import torch
 
 import data
 import dpo
 import sample
 import sft
+from data import collate, get_tokenizer, load_preferences
+from machinery.models import open_model
 from machinery.results import mean_and_sem
 
 OUT = "out/exercises"
 
-# name: (module, function, the line as it is, the line broken, what to look at)
+# name: (module, function, the line's code as it is, the code broken). A line is matched by its code alone:
+# its comment, and the indentation, may change without breaking the exercise.
 EXERCISES = {
     "mean": (dpo, "pair_logps",
-             "    logps = model(*batch).sum(dim=-1).view(2, -1)  # (2, B): the forward with labels gives log-probs",
-             "    logps = (model(*batch).sum(dim=-1) / (batch[1] != -100).sum(dim=-1)).view(2, -1)  # a mean"),
+             "logps = model(*batch).sum(dim=-1).view(2, -1)",
+             "logps = (model(*batch).sum(dim=-1) / (batch[1] != -100).sum(dim=-1)).view(2, -1)  # a mean"),
     "moving-reference": (dpo, "micro_batch",
-                         "            ref_chosen, ref_rejected = pair_logps(reference, batch)",
-                         "            ref_chosen, ref_rejected = pair_logps(policy, batch)"),
+                         "ref_chosen, ref_rejected = pair_logps(reference, batch)",
+                         "ref_chosen, ref_rejected = pair_logps(policy, batch)"),
     "no-prompt-mask": (data, "inputs_and_labels",
-                       "    labels = [IGNORE_INDEX] * (len(prompt) - 1) + response",
-                       "    labels = tokens[1:]"),
+                       "labels = [IGNORE_INDEX] * (len(prompt) - 1) + response",
+                       "labels = tokens[1:]"),
     "no-eos": (data, "tokenize_pairs",
-               "        chosen, rejected = chosen + [EOS], rejected + [EOS]",
-               "        chosen, rejected = chosen, rejected"),
+               "chosen, rejected = chosen + [EOS], rejected + [EOS]",
+               "chosen, rejected = chosen, rejected"),
     "per-micro-batch-mean": (sft, "train",
-                             "                loss = sft_loss(train_model, input_ids.to(args.device), labels.to(args.device), n_tokens)",
-                             "                loss = sft_loss(train_model, input_ids.to(args.device), labels.to(args.device),\n"
-                             "                                (labels != IGNORE_INDEX).sum().item() * len(batches))"),
+                             "loss = sft_loss(ddp_model, input_ids, labels, n_tokens)",
+                             "loss = sft_loss(ddp_model, input_ids, labels, (labels != IGNORE_INDEX).sum() * len(mine))"),
 }
+
+
+def code_lines(source):
+    """Each line of source without its comment or trailing spaces."""
+    lines = source.split("\n")
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            row, column = token.start
+            lines[row - 1] = lines[row - 1][:column]
+    return [line.rstrip() for line in lines]
+
+
+def located(name):
+    """(module, function, its source, the index of the exercise's line in it), refusing unless that code stands
+    on exactly one line of the function."""
+    module, function, code, _ = EXERCISES[name]
+    source = inspect.getsource(getattr(module, function))
+    found = [i for i, line in enumerate(code_lines(source)) if line.strip() == code]
+    assert len(found) == 1, f"exercise {name}: `{code}` is on {len(found)} lines of {module.__name__}.{function}, not 1"
+    return module, function, source, found[0]
 
 
 @contextlib.contextmanager
 def broken(name):
     """The lesson with exercise `name`'s edit made: its function recompiled from the edited source, in its
-    module, for as long as the block runs. Refuses if the line is not in the code exactly once."""
-    module, function, line, edit = EXERCISES[name]
-    original = getattr(module, function)
-    source = inspect.getsource(original)
-    assert source.count(line + "\n") == 1, f"exercise {name}: the line is no longer in {module.__name__}.{function}"
+    module, for as long as the block runs."""
+    module, function, source, index = located(name)
+    lines = source.split("\n")
+    indent = lines[index][:len(lines[index]) - len(lines[index].lstrip())]
+    lines[index] = indent + EXERCISES[name][3]
     namespace = {}
-    exec(compile(source.replace(line + "\n", edit + "\n"), module.__file__, "exec"), module.__dict__, namespace)
+    exec(compile("\n".join(lines), module.__file__, "exec"), module.__dict__, namespace)
+    original = getattr(module, function)
     setattr(module, function, namespace[function])
     try:
         yield
@@ -59,11 +86,11 @@ def broken(name):
 
 
 def diff(name):
-    """The exercise's edit as a unified diff of one line, for the README."""
-    module, function, line, edit = EXERCISES[name]
-    removed = [f"-{line}"]
-    added = [f"+{part}" for part in edit.split("\n")]
-    return f"--- {module.__name__}.py ({function})\n" + "\n".join(removed + added)
+    """The exercise's edit as a diff of one line, for the README: the code, without the line's comment."""
+    module, function, source, index = located(name)
+    line = code_lines(source)[index]
+    indent = line[:len(line) - len(line.lstrip())]
+    return f"--- {module.__name__}.py ({function})\n-{line}\n+{indent}{EXERCISES[name][3]}"
 
 
 def last(out_dir, split, key):
@@ -145,9 +172,6 @@ def main():
 
 def prompt_nll(model_dir):
     """Nats per token an SFT model gives the held-out prompts: what it learned of writing them."""
-    import torch
-    from data import collate, get_tokenizer, load_preferences
-    from machinery.checkpoints import open_model
     tokenizer = get_tokenizer()
     model = open_model(model_dir).eval()
     prompts = [tokenizer.encode_ordinary(p["prompt"]) for p in load_preferences("toy", "test")]

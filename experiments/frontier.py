@@ -32,9 +32,11 @@ import dpo
 import model
 import rlhf
 import sample
+import plot
 import sft
+from experiments import onpolicy_pairs
 from data import get_tokenizer, load_preferences, toy_reward
-from machinery.checkpoints import open_model
+from machinery.models import open_model
 from machinery.results import mean_and_sem
 
 OUT = "out/frontier"
@@ -172,7 +174,7 @@ def main():
                "--eval_interval", "20", "--eval_batches", "4", "--out_dir", f"{OUT}/reward"])
     wall["reward model"] = time.time() - t0
     counter.method, t0 = "on-policy pairs", time.time()
-    rlhf.main(["pairs", "--init", SFT, "--out", f"{OUT}/onpolicy-pairs.jsonl"])
+    onpolicy_pairs.main(["--init", SFT, "--out", f"{OUT}/onpolicy-pairs.jsonl", "--overwrite"])
     wall["on-policy pairs"] = time.time() - t0
     counter.method = None
 
@@ -219,7 +221,6 @@ def main():
     with open("results/frontier.json", "w") as f:
         json.dump(record, f, indent=1)
     print(f"wrote results/frontier.json after {record['total_s'] / 60:.1f} minutes")
-    import plot
     plot.main(["rlhf-frontier", "results/frontier.json", "--out", "results/frontier.png"])
 
 

@@ -17,6 +17,7 @@ import shutil
 import data
 import dpo
 import sample
+import plot
 import sft
 from machinery.results import mean_and_sem
 from plot import read_log, series
@@ -76,7 +77,6 @@ def main():
     with open("results/sft-length.json", "w") as f:
         json.dump(record, f, indent=1)
     print("wrote results/sft-length.json")
-    import plot
     plot.main(["sft-length", "results/sft-length.json", "--out", "results/sft-length.png"])
     plot.main(["sft-curves", "results/sft-length.json", "--out", "results/sft-curves.png"])
 

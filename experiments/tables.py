@@ -12,6 +12,13 @@ import os
 import re
 import sys
 
+import data
+import dpo
+import sft
+from benchmarks.memory import CARDS_GIB, memory_table as rows_of
+from experiments.exercises import diff
+from machinery.results import mean_and_sem
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = re.compile(r"(<!-- (table|number) ([\w.-]+) -->)(.*?)(<!-- /\2 -->)", re.S)
 
@@ -26,11 +33,6 @@ def pm(mean, error, digits=3):
     if error is None or not math.isfinite(error):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {error:.{digits}f}"
-
-
-def mean_and_sem(values):
-    from machinery.results import mean_and_sem as compute
-    return compute(values)
 
 
 def markdown(header, rows, align=None):
@@ -66,8 +68,6 @@ def demo_seconds(stage=None):
 
 
 def demo_pairs_seen():
-    import data
-    import dpo
     pairs = len(data.toy_pairs("train"))
     steps, batch = dpo.DEMO["max_iters"], dpo.DEMO["batch_size"] * dpo.DEMO["grad_accum"]
     assert steps * batch < pairs, "the demo's DPO now sees every pair: rewrite the --precompute_ref sentence"
@@ -114,7 +114,6 @@ def sft_length_rows():
 
 
 def demo_sft_steps():
-    import sft
     steps, rows = sft.DEMO["max_iters"], sft_length_rows()
     assert rows[steps]["sft_test_loss"][0] > 1.05 * load("sft-length.json")["floor"]["nats"], "the demo reaches the floor"
     return str(steps)
@@ -223,13 +222,11 @@ def curves_finding():
 # The exercises: results/exercises.json (python -m experiments.exercises)
 
 def exercise_diff(name):
-    from experiments.exercises import diff
     return "```diff\n" + diff(name) + "\n```"
 
 
 def exercise_diffs():
     """Every exercise's edit, numbered, in one diff block."""
-    from experiments.exercises import diff
     return "```diff\n" + "\n".join(f"{i}. {diff(name)}" for i, name in enumerate(EXERCISES, 1)) + "\n```"
 
 
@@ -281,7 +278,6 @@ def exercise_number(name):
 # docs/gpu.md and docs/performance.md
 
 def memory_table():
-    from benchmarks.memory import CARDS_GIB, memory_table as rows_of
     by_model = {}
     for row in rows_of():
         by_model.setdefault(row["model"], {})[row["mode"]] = row

@@ -10,6 +10,7 @@ import sys
 import torch
 
 from machinery import UserError
+from machinery.compute import pick_device
 
 
 class Interrupted(Exception):
@@ -112,13 +113,13 @@ def fraction(low, high, high_included=False):
 
 # The shared flags that define an experiment: --resume refuses when one differs from the checkpoint's.
 # Each script adds its own. The others may change on resume: --max_iters (upward), --eval_interval,
-# --eval_batches (what is measured, and when), --device, --dtype, --compile, --grad_checkpoint,
+# --eval_batches (what is measured, and when), --device, --dtype, --compile, --grad_checkpoint, --chunked_head,
 # --dist_timeout (where, how fast and in how much memory, not what is trained).
 EXPERIMENT = ("init", "data", "train_split", "test_split", "batch_size", "grad_accum", "max_len", "max_prompt_len",
               "seed", "lr", "warmup", "weight_decay", "grad_clip", "dropout", "n_layer", "n_head", "n_embd")
 SCRATCH_ONLY = ("n_layer", "n_head", "n_embd")  # they shape the model only with --init scratch
 # what a demo run's name leaves out: flags that change where and how fast, not which model comes out
-NOT_IN_A_NAME = ("demo", "out_dir", "device", "dtype", "compile", "grad_checkpoint", "resume", "overwrite",
+NOT_IN_A_NAME = ("demo", "out_dir", "device", "dtype", "compile", "grad_checkpoint", "chunked_head", "resume", "overwrite",
                  "eval_interval", "eval_batches", "dist_timeout", "next")
 
 
@@ -157,9 +158,11 @@ def training_parser(doc, defaults, demo):
     p.add_argument("--compile", action="store_true", help="torch.compile the model (needs a C compiler on a CPU)")
     p.add_argument("--grad_checkpoint", action="store_true", help="recompute each block's activations in backward: "
                    "less memory for about a third more compute (same gradients)")
+    p.add_argument("--chunked_head", action="store_true", help="the output layer's log-probs chunk by chunk, its "
+                   "logits never whole: less memory, the same numbers (docs/performance.md)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its ckpt.pt, with "
                    "the same flags (only --max_iters upward, --eval_interval, --eval_batches, --device, --dtype, "
-                   "--compile, --grad_checkpoint and --dist_timeout may change)")
+                   "--compile, --grad_checkpoint, --chunked_head and --dist_timeout may change)")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an OUT_DIR that holds one; the "
                    "old run's ckpt.pt and log.jsonl are moved to OUT_DIR/replaced-TIME/ first")
     p.add_argument("--dropout", type=fraction(0, 1), default=0.0, help="dropout probability while training")
@@ -191,7 +194,6 @@ def parse(parser, demo, argv=None, stage=None):
     if args.compile and not torch.cuda.is_available() and not shutil.which(os.environ.get("CC", "cc")):
         parser.error("--compile on a CPU needs a C compiler (torch.compile writes C++ kernels): install gcc "
                      "or drop --compile")
-    from machinery.compute import pick_device  # compute builds on this module's errors
     try:
         pick_device(args.device)
     except UserError as e:
@@ -219,11 +221,6 @@ def default_out_dir(parser, args, stage, leave_out=()):
         else:
             name.append(flag if value is True else f"{flag}{value}")
     return "-".join(name)
-
-
-def scratch_shape(args):
-    """The GPTConfig fields of an --init scratch model."""
-    return dict(block_size=args.max_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
 
 
 # the flags a next stage shares with this one (data, device, batch shape): next_command repeats them

@@ -1,10 +1,11 @@
-"""Where and in which precision to compute, the optimizer step, and several processes under torchrun (DDP).
+"""Where and in which precision to compute, and several processes under torchrun.
 
-The training loops see three things of it: `compute.autocast` around the forward passes, `compute.scaler`
-on the loss (fp16 only), and under torchrun `compute.share(grad_accum)` and `compute.sync(...)`, the two
-lines that split a step's micro-batches among the processes.
+The training loops use `compute.autocast` around the forward passes, `compute.scaler` on the loss (fp16's loss
+scaling; it does nothing in bf16 or fp32), and under torchrun `compute.rank`, `compute.world_size` and
+`compute.all_reduce_sum` (the sum of a metric over the processes).
 """
 import contextlib
+import ctypes
 import datetime
 import os
 import sys
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from machinery import UserError
 
@@ -33,18 +33,6 @@ class Compute:
     def master(self):
         """The one process that writes the log and the checkpoints (and prints)."""
         return self.rank == 0
-
-    def share(self, grad_accum):
-        """(this process's micro-batch numbers of the step, the loss scale). Each of N processes takes
-        grad_accum / N consecutive micro-batches; DDP averages gradients over the N, so each loss is
-        multiplied by N to give the gradient of the whole step's sum. Without torchrun: all, and 1."""
-        per_process = grad_accum // self.world_size
-        return range(self.rank * per_process, (self.rank + 1) * per_process), self.world_size
-
-    def sync(self, model, last):
-        """Under torchrun, let DDP average the gradients only in the backward pass of the last micro-batch."""
-        if self.world_size > 1:
-            model.require_backward_grad_sync = last
 
     def all_reduce_sum(self, value):
         """value summed over the processes: a float or a list of floats (returned as float64 numbers), or a
@@ -108,6 +96,8 @@ def init_compute(args):
             sys.stdout = open(os.devnull, "w")  # one process speaks for all; errors still reach stderr
     args.dtype = pick_dtype(args.dtype, args.device)
     device_type = args.device.split(":")[0]
+    if device_type == "cpu":
+        keep_freed_memory()
     if device_type == "cuda":
         # TF32 matmuls on Ampere and newer: ~8x the fp32 throughput, a 10-bit mantissa, harmless for training
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -121,12 +111,18 @@ def init_compute(args):
     return Compute(args.device, args.dtype, autocast, scaler, rank, world_size, timeout)
 
 
-def wrap(model, compute):
-    """Under torchrun, the model in DistributedDataParallel, which averages the processes' gradients during
-    backward; without torchrun, the model itself."""
-    if compute.world_size == 1:
-        return model
-    return DDP(model, device_ids=[compute.device] if compute.device.startswith("cuda") else None)
+def keep_freed_memory():
+    """On Linux's C library (glibc), a CPU tensor of over 32 MB is mapped fresh from the operating system when it
+    is made and handed back when it is freed, so every step pays page faults for its largest tensors (the
+    output layer's logits) again. Raising glibc's two thresholds keeps freed memory in the process for the next
+    step: on the toy task a step takes about a third less time, for more resident memory (docs/performance.md).
+    The numbers computed do not change. Elsewhere (macOS, musl) there is nothing to tune."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: allocations under 1 GiB come from the heap, not fresh mappings
+    libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: and the heap keeps what is freed, for reuse
 
 
 def pick_device(device):
@@ -160,32 +156,3 @@ def pick_dtype(dtype, device):
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype {dtype} is not one of auto, float32, bfloat16, float16")
     return dtype
-
-
-def make_optimizer(model, lr, weight_decay, device, kind="adamw"):
-    """AdamW (betas 0.9, 0.95, as nanoGPT) or RMSprop, with weight decay on matrices only: biases and
-    LayerNorms stay undecayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    if kind == "rmsprop":  # what the DPO paper used
-        return torch.optim.RMSprop(groups, lr=lr)
-    fused = device.startswith("cuda")  # one kernel for all parameters instead of several per tensor
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
-
-
-def optimizer_step(model, optimizer, scaler, grad_clip):
-    """Apply the accumulated gradients: unscale them (fp16's GradScaler multiplied the loss so that small
-    gradients would not underflow), clip their norm to grad_clip (0: no clipping), step, clear. Returns
-    the norm before clipping, for the log."""
-    scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = lr

@@ -1,22 +1,31 @@
-"""The fast paths: the same numbers as the lesson's plain code, computed with less memory or fewer tokens.
+"""The fast paths, each opt-in by a flag: the same numbers as the lesson's plain code, with less memory or
+fewer tokens. tests/test_fast.py proves each equal to the plain version, values and gradients.
 
-- label_logps and LabelLogProbs: what GPT.forward(idx, labels) returns, model.label_logps(logits, labels),
-  with the output layer run on labelled positions only and the (tokens x vocabulary) logits never whole.
-- packed_dpo_batch: dpo.py --share_prompt; each pair as one row with its prompt once, where the lesson's
+- use_chunked_head (--chunked_head): GPT.label_logps computed chunk by chunk (LabelLogProbs), so the
+  (tokens x vocabulary) logits never exist whole; docs/performance.md measures what it saves and costs.
+- packed_dpo_batch (dpo.py --share_prompt): each pair as one row with its prompt once, where the lesson's
   data.dpo_batch stacks two rows that both hold it.
-- precompute: dpo.py --precompute_ref; the reference scores every pair once, before training, so only the
+- precompute (dpo.py --precompute_ref): the reference scores every pair once, before training, so only the
   policy stays in memory.
-
-tests/test_fast.py proves each equal to the plain version, values and gradients.
 """
+import types
+
 import torch
+
+from data import EOS
+from model import IGNORE_INDEX
+
+
+def use_chunked_head(model):
+    """--chunked_head: model's label_logps (what GPT.forward(idx, labels) returns) becomes the chunked one.
+    A bound method, so a copy of the model (copy.deepcopy, for DPO's reference) computes with its own head."""
+    model.label_logps = types.MethodType(lambda self, x, labels: label_logps(x, self.lm_head.weight, labels), model)
+    return model
 
 
 def label_logps(x, weight, labels):
-    """model.label_logps(x @ weight.T, labels) for the final hidden states x (B, T, C) and the head's weight
-    (vocab, C); labels (B, T), or (2, B, T) for packed rows (machinery/fast.packed_dpo_batch), where a
-    position can serve both planes."""
-    from model import IGNORE_INDEX  # imported here, not above: model.py imports this module
+    """GPT.label_logps(x, labels) for the final hidden states x (B, T, C) and the head's weight (vocab, C);
+    labels (B, T), or (2, B, T) for packed rows (packed_dpo_batch), where a position can serve both planes."""
     mask = labels != IGNORE_INDEX
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
@@ -26,9 +35,9 @@ def label_logps(x, weight, labels):
 
 
 class LabelLogProbs(torch.autograd.Function):
-    """log softmax(hidden @ weight.T)[row, target] for N rows, chunk by chunk: label_logps, made lean.
+    """log softmax(hidden @ weight.T)[row, target] for N rows, chunk by chunk: GPT.label_logps, made lean.
 
-    label_logps keeps the (N, vocab) logits, a log-softmax copy and their gradients alive at once: for a
+    GPT.label_logps keeps the (N, vocab) logits, a log-softmax copy and their gradients alive at once: for a
     DPO micro-batch of 8 x 512 tokens on GPT-2 that is several GB of fp32. Here one chunk of logits
     exists at a time; backward recomputes it (one more matmul) and turns it into the gradient in place,
     using d log p / d logits = onehot(target) - softmax.
@@ -92,8 +101,6 @@ def packed_dpo_batch(tokenized):
     plane's labels are laid out by hand. labels[t] is still the token that follows input_ids[t] in that
     response's own prompt + response; the prompt's last token predicts the first token of both
     responses, so it carries a label in both planes."""
-    from data import EOS  # imported here, not above: model.py imports this module
-    from model import IGNORE_INDEX
     packed = []
     for t in tokenized:
         prompt, chosen, rejected = t["prompt"], t["chosen"], t["rejected"]

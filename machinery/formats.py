@@ -28,17 +28,26 @@ import json
 import os
 import zlib
 
-import data
-from data import ASSISTANT, HUMAN
-from machinery import UserError, hub_or_offline
+from typing import Callable, NamedTuple
 
+from machinery import UserError
+
+class Dialogue(NamedTuple):
+    """How HH writes a conversation, and where its prompt ends: the lesson's data.HH (HUMAN, ASSISTANT,
+    split_hh), passed in, so that this module needs nothing back from data.py."""
+    human: str
+    assistant: str
+    split: Callable
+
+
+SHIPPED = "examples/hh-rlhf-harmless-base"  # HH-RLHF's excerpt in this repository, for a machine with no network
 HELD_OUT_EVERY = 20   # a source with one split only: every 20th record is the test split (5%)
 FILE_TYPES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".csv.gz", ".parquet")  # parquet compresses itself
 SHP_FIELDS = ("history", "human_ref_A", "human_ref_B", "labels")
 SHP_MIN_SCORE_RATIO = 2
 
 
-def read_pairs(source, split, split_name=None, verbose=True):
+def read_pairs(source, split, hh, split_name=None, verbose=True):
     """Preference pairs of one split of a local or hub source as text; prints one line: pairs kept,
     dropped for which reason, the format, and which records were held out."""
     split_name = split_name or split
@@ -46,7 +55,7 @@ def read_pairs(source, split, split_name=None, verbose=True):
         raise UserError(f"toy has no split {split_name!r}: its splits are train and test")
     numbered, single = read_records(source, split_name)
     records, locations = [record for _, record in numbered], [where for where, _ in numbered]
-    format_name, outcomes = records_to_pairs(records, locations)
+    format_name, outcomes = records_to_pairs(records, hh, locations)
     if single:
         outcomes = _hold_out(outcomes, split, source)
     pairs = [outcome for outcome in outcomes if isinstance(outcome, dict)]
@@ -73,9 +82,9 @@ def _hold_out(outcomes, split, source):
 # ----------------------------------------------------------------------------------------------------
 # Records -> pairs: the format of each record, and where its prompt ends
 
-def records_to_pairs(records, locations=None):
+def records_to_pairs(records, hh, locations=None):
     """Records of one source -> (format name, outcomes): outcome i is record i's {"prompt", "chosen",
-    "rejected"} or, a string, the reason it was dropped. locations[i] names record i in errors (file and
+    "rejected"} or, a string, the reason it was dropped; hh is data.HH. locations[i] names record i in errors (file and
     line, item or row); by default "record i".
 
     Every record must be in the first record's format (a mixture is a UserError naming the first record
@@ -94,12 +103,12 @@ def records_to_pairs(records, locations=None):
     split_record = {"prompt/chosen/rejected text": _split_explicit, "conversational": _split_messages,
                     "Stanford SHP": _split_shp}.get(first_format)
     if first_format == "chosen/rejected text":  # HH when any dialogue has HH's turn markers
-        is_hh = any(ASSISTANT in record["chosen"] for _, record in records)
+        is_hh = any(hh.assistant in record["chosen"] for _, record in records)
         first_format = "HH dialogues" if is_hh else "shared-start text"
         split_record = _split_hh if is_hh else _split_shared_start
     outcomes = []
     for where, record in records:
-        outcome = split_record(record, where)
+        outcome = split_record(record, where, hh)
         if isinstance(outcome, tuple):
             outcome = _usable_pair(*outcome)
         outcomes.append(outcome)
@@ -153,11 +162,11 @@ def _usable_pair(prompt, chosen, rejected):
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def _split_explicit(record, where):
+def _split_explicit(record, where, hh):
     return record["prompt"], record["chosen"], record["rejected"]
 
 
-def _split_shared_start(record, where):
+def _split_shared_start(record, where, hh):
     """Text without HH markers: the prompt is the longest run of whole words both texts start with. The
     cut goes back from the first differing character to the end of a word, so no word is split and each
     response starts with the whitespace before its first word (GPT-2's tokens carry it: " yes")."""
@@ -172,7 +181,7 @@ def _word_ends_at(text, position):
     return not text[position - 1].isspace() and (position == len(text) or text[position].isspace())
 
 
-def _split_messages(record, where):
+def _split_messages(record, where, hh):
     """Conversational: the prompt's messages (if any) then each response's messages make one conversation
     per response; the last message must be the assistant's and is the response, and everything before it
     must be the same in both. Rendered as HH text (see render_hh)."""
@@ -202,24 +211,24 @@ def _split_messages(record, where):
         return "unknown role"
     if "system" in roles[1:]:
         return "system message not first"
-    return render_hh(context), " " + chosen[-1]["content"], " " + rejected[-1]["content"]
+    return render_hh(context, hh), " " + chosen[-1]["content"], " " + rejected[-1]["content"]
 
 
 def _turn(message):
     return message["role"], message["content"]
 
 
-def render_hh(messages):
+def render_hh(messages, hh):
     """Messages before a response, as the HH text our SFT teaches (GPT-2 has no chat template):
     "\\n\\nHuman: " + content for a user message, "\\n\\nAssistant: " + content for an assistant's, then the
     "\\n\\nAssistant:" the response follows (with its own leading space). A system message, allowed first
     only, is plain text before the first turn: HH has no system role, and a turn marker would put its
     words in someone's mouth."""
-    marker = {"user": HUMAN + " ", "assistant": ASSISTANT + " ", "system": ""}
-    return "".join(marker[m["role"]] + m["content"] for m in messages) + ASSISTANT
+    marker = {"user": hh.human + " ", "assistant": hh.assistant + " ", "system": ""}
+    return "".join(marker[m["role"]] + m["content"] for m in messages) + hh.assistant
 
 
-def _split_shp(record, where):
+def _split_shp(record, where, hh):
     """Stanford SHP: `labels` 1 means A is preferred (the dataset card's convention). Rendered as one HH
     turn, as the authors' code does. With scores, a pair whose higher score is less than
     SHP_MIN_SCORE_RATIO times the lower is dropped (a weak preference); the authors' code does the same."""
@@ -240,13 +249,13 @@ def _split_shp(record, where):
         preferred, other = record["human_ref_A"], record["human_ref_B"]
     else:
         preferred, other = record["human_ref_B"], record["human_ref_A"]
-    return f"{HUMAN} {record['history']}{ASSISTANT}", " " + preferred, " " + other
+    return f"{hh.human} {record['history']}{hh.assistant}", " " + preferred, " " + other
 
 
 
-def _split_hh(record, where):
+def _split_hh(record, where, hh):
     """HH dialogues: the lesson's own split (data.split_hh)."""
-    return data.split_hh(record["chosen"], record["rejected"])
+    return hh.split(record["chosen"], record["rejected"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -322,15 +331,14 @@ def _read_directory(directory, split_name):
 
 def _load_hub(source, split_name):
     """A hub dataset; NAME:DIR picks one data directory (e.g. Anthropic/hh-rlhf:helpful-base)."""
-    hub_or_offline()
     import datasets
     name, _, data_dir = source.partition(":")
     try:
         names = datasets.get_dataset_split_names(name, data_dir=data_dir or None)
     except Exception as e:
-        raise UserError(f"could not load {name} [{split_name}] from the Hugging Face hub ({type(e).__name__}); "
-                        "check the network, or give a local directory of split files or a .jsonl, .json, "
-                        ".parquet or .csv file") from None
+        raise UserError(f"could not load {name} [{split_name}] from the Hugging Face hub ({type(e).__name__}): check "
+                        "the network, or give a local directory of split files or a .jsonl, .json, .parquet or .csv "
+                        f"file ({SHIPPED} holds 512 HH pairs); on a CPU, --demo runs the toy task") from None
     held_out = len(names) == 1  # a single split: read_pairs holds out every 20th record for test
     if held_out and split_name not in ("train", "test", names[0]):
         raise UserError(f"{source} has no split {split_name!r}: it has only {names[0]!r}")

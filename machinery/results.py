@@ -10,7 +10,7 @@ import numpy as np
 
 from data import EOS, tokenize_pairs
 from machinery import UserError
-from machinery.checkpoints import atomic_write
+from machinery.files import atomic_write
 from machinery.cli import at_least
 from machinery.compute import pick_device
 

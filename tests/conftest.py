@@ -51,7 +51,7 @@ def pytest_sessionfinish(session, exitstatus):
 def a_clone_after_the_demo(tmp_path_factory):
     """The suite's working directory: a scratch folder whose out/demo/{sft,dpo,dpo-bad} hold saved runs,
     as the demo leaves them, so that a script run with its default --out_dir refuses instead of writing."""
-    from machinery.checkpoints import save_checkpoint
+    from machinery.run import save_checkpoint
     from model import GPT, GPTConfig
     import argparse
     workdir = tmp_path_factory.mktemp("clone")

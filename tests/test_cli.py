@@ -7,13 +7,14 @@ import re
 import pytest
 import torch
 
+import data
 import dpo
 import plot
 import sample
 import sft
 from benchmarks import bench, memory
-from conftest import refused
-from machinery import cli, hub_or_offline
+from conftest import one_line_user_error, refused
+from machinery import cli
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -117,18 +118,16 @@ def test_the_next_command_repeats_the_runs_own_flags():
     assert args.next == "python sample.py --data pairs.jsonl --device cpu --model reference=out/hh-sft --model dpo=out/hh-dpo"
 
 
-def test_an_unreachable_hub_turns_this_process_offline_at_once(monkeypatch):
-    def no_network(*args, **kwargs):
-        raise OSError(101, "Network is unreachable")
-
-    monkeypatch.setattr("socket.create_connection", no_network)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    hub_or_offline()
-    import huggingface_hub.constants
-    assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE is True
+def test_the_gpu_recipe_on_a_laptop_says_what_to_run_instead(tmp_path, monkeypatch, capsys):
+    # `python dpo.py --beta 0.1`, the card's command, where out/sft does not exist: the defaults are the GPU recipe
+    monkeypatch.chdir(tmp_path)
+    line = refused(lambda: dpo.main(["--beta", "0.1"]), capsys)
+    assert "no model at --init out/sft" in line and "GPU recipe" in line and "--demo" in line
+    assert "examples/hh-rlhf-harmless-base" in line
+    # and without the network, the hub's HH-RLHF: one line naming the shipped excerpt and the demo
+    message = one_line_user_error(lambda: data.load_preferences("Anthropic/hh-rlhf", "train"))
+    assert "could not load Anthropic/hh-rlhf [train]" in message
+    assert "examples/hh-rlhf-harmless-base" in message and "--demo" in message
 
 
 def test_memory_table_flags_are_one_line(capsys):

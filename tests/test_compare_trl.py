@@ -32,14 +32,15 @@ def test_workload_is_the_first_400_excerpt_pairs_that_fit_in_256_tokens():
 
 def test_our_command_is_what_dpo_py_accepts(tmp_path):
     model_dir = str(tmp_path)  # dpo.py checks that its --init exists
-    command = compare_trl.ours_command(model_dir, "pairs.jsonl", 10, "out-dir", share_prompt=True)
+    command = compare_trl.ours_command(model_dir, "pairs.jsonl", 10, "out-dir", ["--share_prompt", "--chunked_head"])
     assert command[:2] == [sys.executable, os.path.join(compare_trl.ROOT, "dpo.py")]
     args = dpo.parse_args(command[2:])
     assert (args.init, args.data, args.out_dir) == (model_dir, "pairs.jsonl", "out-dir")
     assert (args.batch_size, args.grad_accum, args.max_len, args.max_iters) == (4, 1, 256, 10)
     assert (args.device, args.dtype, args.beta, args.lr, args.eval_interval) == ("cpu", "float32", 0.1, 1e-6, 0)
-    assert args.share_prompt and args.optimizer == "adamw"  # TRL's default optimizer, for the same work
-    assert not dpo.parse_args(compare_trl.ours_command(model_dir, "p", 2, "o")[2:]).share_prompt
+    assert args.share_prompt and args.chunked_head and args.optimizer == "adamw"  # TRL's default optimizer
+    plain = dpo.parse_args(compare_trl.ours_command(model_dir, "p", 2, "o")[2:])
+    assert not plain.share_prompt and not plain.chunked_head
 
 
 def test_trl_command_is_what_trl_dpo_py_accepts():

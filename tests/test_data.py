@@ -35,7 +35,7 @@ def hh_records():
 def hh_outcomes(records):
     """data.split_hh on each record, then the pair rules every source shares (machinery/formats.py)."""
     from machinery.formats import records_to_pairs
-    return records_to_pairs(records)[1]
+    return records_to_pairs(records, data.HH)[1]
 
 
 @pytest.fixture(scope="module")

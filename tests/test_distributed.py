@@ -18,7 +18,7 @@ import sft
 from conftest import ROOT, read_log
 from data import toy_pairs
 from machinery import UserError
-from machinery.checkpoints import load_checkpoint
+from machinery.models import load_checkpoint
 from machinery.compute import Compute, init_compute
 
 MODEL = ["--init", "scratch", "--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",

@@ -72,7 +72,7 @@ def test_no_prompt_mask_changes_nothing_in_dpo_but_sft_learns_the_prompts(toy_mo
 def test_no_eos_leaves_the_model_no_way_to_stop(pairs_file, unbroken_sft, tmp_path):
     import torch
     from data import EOS, get_tokenizer, load_preferences
-    from machinery.checkpoints import open_model
+    from machinery.models import open_model
     with broken("no-eos"):
         without = small_sft(pairs_file, tmp_path / "without")
     tokenizer = get_tokenizer()

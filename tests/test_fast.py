@@ -1,6 +1,7 @@
-"""machinery/fast.py: each fast path gives the plain version's numbers. The chunked head (what
-GPT.forward(idx, labels) runs) equals model.label_logps on the full logits, values and gradients; packed
+"""machinery/fast.py: each fast path gives the plain version's numbers. The chunked head (--chunked_head)
+equals model.py's plain GPT.label_logps, values and gradients, and a copy of a model keeps its own head; packed
 rows (dpo.py --share_prompt) equal data.dpo_batch's stacked rows."""
+import copy
 import os
 
 import pytest
@@ -23,16 +24,16 @@ def test_label_log_probs_equal_full_log_softmax(monkeypatch, rows_per_chunk):
         monkeypatch.setattr(fast.LabelLogProbs, "BUDGET", {"cpu": rows_per_chunk * 4 * 64})
         assert fast.LabelLogProbs.rows_per_chunk(torch.empty(64, 32)) == rows_per_chunk
     gpt = tiny_gpt()
+    chunked = fast.use_chunked_head(copy.deepcopy(gpt))
     idx = random_tokens(64, (3, 16), seed=4)
     labels = labels_for(idx, prompt_lengths=[3, 8, 1], lengths=[16, 12, 9])  # the last two rows padded
     # an arbitrary weighted sum as the loss, so every position's gradient counts, each differently
     weights = torch.randn(labels.shape, generator=torch.Generator().manual_seed(0))
 
-    logps = gpt(idx, labels)
+    logps = chunked(idx, labels)
     (logps * weights).sum().backward()
-    grads = {name: p.grad.clone() for name, p in gpt.named_parameters()}
-    gpt.zero_grad()
-    expected = model.label_logps(gpt(idx), labels)  # the plain two-line version
+    grads = {name: p.grad.clone() for name, p in chunked.named_parameters()}
+    expected = gpt(idx, labels)  # model.py's plain head
     (expected * weights).sum().backward()
 
     assert logps.dtype == torch.float32 and logps.shape == labels.shape
@@ -41,6 +42,20 @@ def test_label_log_probs_equal_full_log_softmax(monkeypatch, rows_per_chunk):
     torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5)
     for name, p in gpt.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+
+
+def test_a_copy_of_a_chunked_model_uses_its_own_head():
+    # dpo.py copies the policy to make the reference: the copy's chunked head must read the copy's weights
+    policy = fast.use_chunked_head(tiny_gpt())
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(2)  # the policy moves; the reference must not see it
+    idx = random_tokens(64, (2, 12), seed=1)
+    labels = labels_for(idx, prompt_lengths=[2, 4], lengths=[12, 10])
+    plain = copy.deepcopy(reference)
+    del plain.label_logps  # back to the class's plain method
+    torch.testing.assert_close(reference(idx, labels), plain(idx, labels), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(policy(idx, labels), reference(idx, labels))
 
 
 def test_packed_rows_give_the_same_log_probs_and_gradients_as_stacked_rows():

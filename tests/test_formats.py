@@ -1,6 +1,6 @@
 """machinery/formats.py: preference data as people have it. Every format and file type the loader reads,
 the prompt/response boundary in each, held-out splits, the hub, and the one-line errors for data in none
-of them; and python data.py --inspect."""
+of them; and python -m machinery.inspect_data."""
 import gzip
 import json
 import os
@@ -12,9 +12,12 @@ import time
 import pytest
 
 import data
+import dpo
+import sft
 from conftest import HH_TEST, ROOT, run_script
 from machinery import UserError
 from machinery import formats as sources
+from machinery import inspect_data
 from machinery.inspect_data import main as inspect_main
 
 EOS_TEXT = "<|endoftext|>"
@@ -67,7 +70,7 @@ def test_shared_start_text_is_cut_at_a_word_boundary(tokenizer):
         ("User: hi\nBot:  sure thing", "User: hi\nBot: no", "User: hi\nBot:", "  sure thing", " no"),
         ("yes", "yeah", "", "yes", "yeah"),  # nothing in common: an empty prompt
     ]
-    format_name, outcomes = sources.records_to_pairs([{"chosen": c, "rejected": r} for c, r, *_ in cases])
+    format_name, outcomes = sources.records_to_pairs([{"chosen": c, "rejected": r} for c, r, *_ in cases], data.HH)
     assert format_name == "shared-start text"
     assert outcomes == [{"prompt": p, "chosen": c, "rejected": r} for *_, p, c, r in cases]
     encode = tokenizer.encode_ordinary
@@ -76,13 +79,13 @@ def test_shared_start_text_is_cut_at_a_word_boundary(tokenizer):
             # no word is cut, so the prompt's tokens then the response's are the tokens of the whole text
             assert encode(pair["prompt"]) + encode(pair[response]) == encode(pair["prompt"] + pair[response])
     # a chosen text that is the start of the rejected one leaves nothing to prefer in it: dropped
-    assert sources.records_to_pairs([{"chosen": "A: yes", "rejected": "A: yes indeed"}])[1] == ["empty response"]
+    assert sources.records_to_pairs([{"chosen": "A: yes", "rejected": "A: yes indeed"}], data.HH)[1] == ["empty response"]
 
 
 def test_hh_dialogues_split_at_the_last_assistant_marker_not_the_shared_start():
     # the two replies share their first word; the HH split keeps it in both responses
     record = {"chosen": HH_PROMPT + " I think ten minutes.", "rejected": HH_PROMPT + " I do not know."}
-    format_name, outcomes = sources.records_to_pairs([record])
+    format_name, outcomes = sources.records_to_pairs([record], data.HH)
     assert format_name == "HH dialogues"
     assert outcomes == [{"prompt": HH_PROMPT, "chosen": " I think ten minutes.", "rejected": " I do not know."}]
 
@@ -97,15 +100,15 @@ def test_a_conversation_renders_to_the_hh_text_pair_and_its_tokens(tokenizer):
     explicit = {"prompt": CONTEXT, "chosen": [assistant("Ten minutes.")], "rejected": [assistant("No.")]}
     # UltraFeedback-binarized's shape: the first user message repeated as text beside whole conversations
     repeated = {"prompt": "hi there", **implicit}
-    assert sources.records_to_pairs([hh_text]) == ("HH dialogues", [expected])
+    assert sources.records_to_pairs([hh_text], data.HH) == ("HH dialogues", [expected])
     for record in (implicit, explicit, repeated):
-        assert sources.records_to_pairs([record]) == ("conversational", [expected])
-    assert sources.render_hh(CONTEXT) == HH_PROMPT
+        assert sources.records_to_pairs([record], data.HH) == ("conversational", [expected])
+    assert sources.render_hh(CONTEXT, data.HH) == HH_PROMPT
     tokens = data.tokenize_pairs([expected], tokenizer=tokenizer, verbose=False)
-    assert tokens == data.tokenize_pairs(sources.records_to_pairs([hh_text])[1], tokenizer=tokenizer, verbose=False)
+    assert tokens == data.tokenize_pairs(sources.records_to_pairs([hh_text], data.HH)[1], tokenizer=tokenizer, verbose=False)
     # a text prompt beside assistant-only lists is the user's message
     single = {"prompt": "how do I boil an egg?", "chosen": [assistant("Ten minutes.")], "rejected": [assistant("No.")]}
-    assert sources.records_to_pairs([single])[1][0]["prompt"] == "\n\nHuman: how do I boil an egg?\n\nAssistant:"
+    assert sources.records_to_pairs([single], data.HH)[1][0]["prompt"] == "\n\nHuman: how do I boil an egg?\n\nAssistant:"
 
 
 def hh_to_messages(text):
@@ -124,8 +127,8 @@ def test_the_hh_excerpt_as_conversations_gives_the_same_pairs_and_tokens(tokeniz
         records = [json.loads(line) for line in f]
     conversations = [{"chosen": hh_to_messages(r["chosen"]), "rejected": hh_to_messages(r["rejected"])}
                      for r in records]
-    hh_format, hh_outcomes = sources.records_to_pairs(records)
-    conversation_format, conversation_outcomes = sources.records_to_pairs(conversations)
+    hh_format, hh_outcomes = sources.records_to_pairs(records, data.HH)
+    conversation_format, conversation_outcomes = sources.records_to_pairs(conversations, data.HH)
     assert (hh_format, conversation_format) == ("HH dialogues", "conversational")
     assert conversation_outcomes == hh_outcomes  # all 512, the one dropped pair included
     assert len(only_pairs(hh_outcomes)) == 511
@@ -145,7 +148,7 @@ def test_conversation_rules_system_message_and_drop_reasons():
          "rejected": [{"role": "tool", "content": "42"}, assistant("go")]},
         {"chosen": [user, assistant("same")], "rejected": [user, assistant("same")]},
     ]
-    format_name, outcomes = sources.records_to_pairs(records)
+    format_name, outcomes = sources.records_to_pairs(records, data.HH)
     assert format_name == "conversational"
     # a system message starts the prompt as plain text: HH has no system turn to put it in
     assert outcomes == [{"prompt": "Answer briefly.\n\nHuman: hi\n\nAssistant:", "chosen": " hello", "rejected": " go"},
@@ -156,7 +159,7 @@ def test_conversation_rules_system_message_and_drop_reasons():
 def test_a_malformed_message_names_its_record_and_position():
     bad = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant"}], "rejected": []}
     with pytest.raises(UserError, match=r'^record 2: chosen message 2 is not a \{"role": \.\.\., "content": text\}'):
-        sources.records_to_pairs([{"chosen": [], "rejected": []}, bad])
+        sources.records_to_pairs([{"chosen": [], "rejected": []}, bad], data.HH)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,7 +171,7 @@ def test_stanford_shp_takes_the_labelled_reply_and_drops_weak_preferences():
                {**question, "labels": 0, "score_A": 3, "score_B": 9},     # B preferred
                {**question, "labels": 1, "score_A": 5, "score_B": 3},     # 5/3 < 2: a weak preference
                {**question, "labels": 1}]                                  # without scores: no filter
-    format_name, outcomes = sources.records_to_pairs(records)
+    format_name, outcomes = sources.records_to_pairs(records, data.HH)
     prompt = "\n\nHuman: Why is the sky blue?\n\nAssistant:"
     assert format_name == "Stanford SHP"
     assert outcomes == [{"prompt": prompt, "chosen": " Rayleigh scattering.", "rejected": " Magic."},
@@ -176,7 +179,7 @@ def test_stanford_shp_takes_the_labelled_reply_and_drops_weak_preferences():
                         "score ratio below 2",
                         {"prompt": prompt, "chosen": " Rayleigh scattering.", "rejected": " Magic."}]
     with pytest.raises(UserError, match="record 1: field 'labels' is 2; Stanford SHP uses 1"):
-        sources.records_to_pairs([{**question, "labels": 2}])
+        sources.records_to_pairs([{**question, "labels": 2}], data.HH)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,7 +294,7 @@ def test_unreadable_tables_are_one_line_with_nothing_else_on_stderr(tmp_path, ca
              (broken_csv, "broken.csv: not a readable csv file (ParserError: ")]
     for path, expected in cases:
         with pytest.raises(SystemExit) as exit_info:
-            inspect_main(["--inspect", "--data", str(path)])
+            inspect_main(["--data", str(path)])
         message = str(exit_info.value.code)
         assert message.startswith(f"error: {tmp_path}/") and expected in message and "\n" not in message
     # datasets logs read errors itself; the loader silences that, so the one line is all a user sees
@@ -302,8 +305,8 @@ def test_inspect_shows_the_format_and_the_rendered_first_pair(tmp_path, capsys):
     conversations = [{"chosen": CONTEXT + [assistant(f"Ten minutes, {i}.")], "rejected": CONTEXT + [assistant("No.")]}
                      for i in range(20)]
     path = write_jsonl(tmp_path / "chat.jsonl", conversations)
-    inspect_main(["--inspect", "--data", str(path), "--max_len", "64"])
-    lines = capsys.readouterr().out.splitlines()
+    inspect_main(["--data", str(path), "--max_len", "64"])
+    lines = capsys.readouterr().out.splitlines()[1:]  # after the token budget's line
     assert lines[0] == (f"data: {path} [train]: kept 19 pairs, dropped 0 (none); format: conversational; "
                         "one file: every 20th record held out for test")
     assert lines[2:6] == ["first pair as text, split where training splits it:",
@@ -475,7 +478,7 @@ def test_bad_input_is_one_line_user_error(case, tmp_path):
 @pytest.mark.parametrize("case", CLI_CASES, ids=lambda case: case.__name__)
 def test_bad_input_through_the_cli(case, tmp_path):
     path, expected = case(tmp_path)
-    result = run_script("data.py", "--inspect", "--data", path, timeout=120)
+    result = run_script("machinery.inspect_data", "--data", path, timeout=120, module=True)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -497,8 +500,8 @@ def test_hub_name_without_network_says_what_to_do():
 
 def test_hub_name_without_network_through_the_cli(tmp_path):
     # an empty HF_HOME, so a dataset cached on this machine cannot answer instead of the hub
-    result = run_script("data.py", "--inspect", "--data", "Anthropic/hh-rlhf:helpful-base",
-                        env={"HF_HOME": str(tmp_path)}, timeout=120)
+    result = run_script("machinery.inspect_data", "--data", "Anthropic/hh-rlhf:helpful-base",
+                        env={"HF_HOME": str(tmp_path)}, timeout=120, module=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -507,14 +510,18 @@ def test_hub_name_without_network_through_the_cli(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# python data.py --inspect
+# python -m machinery.inspect_data
 
 def test_inspect_toy_cli(tokenizer):
-    result = run_script("data.py", "--inspect", "--data", "toy", timeout=120)
+    result = run_script("machinery.inspect_data", "--data", "toy", timeout=120, module=True)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    tokenized = data.tokenize_pairs(data.toy_pairs("train"), 512, 256, tokenizer, verbose=False)
-    assert lines[0] == "data: toy [train]: 2000 pairs, made by data.toy_pairs"
+    # the toy task is inspected at the demo's budget, the one sft.py and dpo.py --demo train with
+    assert lines[0] == f"token budget: --max_len {sft.DEMO['max_len']}, --max_prompt_len {sft.DEMO['max_len'] // 2}"
+    assert (inspect_data.DEMO_MAX_LEN, inspect_data.MAX_LEN) == (dpo.DEMO["max_len"], dpo.DEFAULTS["max_len"])
+    assert sft.DEFAULTS["max_len"] == inspect_data.MAX_LEN
+    tokenized = data.tokenize_pairs(data.toy_pairs("train"), 64, 32, tokenizer, verbose=False)
+    assert lines[1] == f"data: toy [train]: {len(data.toy_pairs('train'))} pairs, made by data.toy_pairs"
     # the percentile table: p50 <= p90 <= p99 <= max per field, max matching our own count
     header = lines.index("token lengths    p50    p90    p99    max")
     for line, field in zip(lines[header + 1:header + 4], ("prompt", "chosen", "rejected")):
@@ -537,11 +544,11 @@ def test_inspect_toy_cli(tokenizer):
 
 
 def test_inspect_into_a_closed_pipe_exits_quietly():
-    # `python data.py --inspect | head`: once head has stopped reading, stop without a BrokenPipeError
+    # `python -m machinery.inspect_data | head`: once head has stopped reading, stop without a BrokenPipeError
     # traceback. Closing our end before the child writes makes its writes fail, every time; stdout
     # buffered, as users have it, so the failure comes at the last flush, the case Python reports at exit.
     environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), "--inspect", "--data", "toy"],
+    process = subprocess.Popen([sys.executable, "-m", "machinery.inspect_data", "--data", "toy"],
                                cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.stdout.close()
     _, stderr = process.communicate(timeout=120)
@@ -553,19 +560,10 @@ def test_help_shows_every_default_once(capsys):
         inspect_main(["--help"])
     assert exit_info.value.code == 0
     options = re.split(r"\n  (?=-)", capsys.readouterr().out.split("\noptions:\n")[1])
-    assert [option.split()[0] for option in options] == ["-h,", "--inspect", "--data", "--split", "--split_name",
-                                                         "--max_len", "--max_prompt_len"]
+    assert [option.split()[0] for option in options] == ["-h,", "--data", "--split", "--split_name", "--max_len",
+                                                         "--max_prompt_len"]
     for option in options[1:]:  # all but --help
         assert " ".join(option.split()).count("(default: ") == 1, option
-
-
-def test_cli_without_inspect_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        inspect_main(["--data", "toy"])
-    assert exit_info.value.code == 2
-    assert "nothing to do: pass --inspect" in capsys.readouterr().err
-
-
 
 
 def test_a_directory_of_one_split_file_says_which_split_it_trains_on(tmp_path, capsys):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import model
 from conftest import make_hf_gpt2
+from machinery.models import load_pretrained
 from model import GPT, GPT2_SIZES, GPTConfig
 
 # Tiny GPT-2 shapes, as make_hf_gpt2 keyword arguments. A small vocabulary keeps most tests fast; the
@@ -63,7 +64,7 @@ def hf_and_ours(request, tmp_path_factory):
     """The same random weights twice: in transformers (eager attention, fp32, eval) and loaded by us."""
     directory = tmp_path_factory.mktemp(request.param)
     hf = rough_hf_gpt2(directory, **CONFIGS[request.param])
-    ours = GPT.from_pretrained(str(directory)).eval()
+    ours = load_pretrained(str(directory)).eval()
     return hf, ours
 
 
@@ -173,7 +174,7 @@ def test_top_k_and_top_p_keep_only_their_tokens():
 
 
 # ----------------------------------------------------------------------------------------------------
-# the forward with labels: the response-only, chunked head gives the full head's numbers and gradients
+# The forward with labels: the head on labelled positions only gives the full head's numbers and gradients
 
 def labels_for(idx, prompt_lengths, lengths):
     """data.py's convention: labels[t] = idx[t + 1] on response tokens, IGNORE_INDEX on prompt and padding."""
@@ -181,6 +182,24 @@ def labels_for(idx, prompt_lengths, lengths):
     for row, (prompt, length) in enumerate(zip(prompt_lengths, lengths)):
         labels[row, prompt - 1:length - 1] = idx[row, prompt:length]
     return labels
+
+
+def test_the_forward_with_labels_equals_log_softmax_of_the_full_logits():
+    gpt = tiny_gpt()
+    idx = random_tokens(64, (3, 16), seed=4)
+    labels = labels_for(idx, prompt_lengths=[3, 8, 1], lengths=[16, 12, 9])  # the last two rows padded
+    weights = torch.randn(labels.shape, generator=torch.Generator().manual_seed(0))  # every position counts
+    logps = gpt(idx, labels)
+    grads = torch.autograd.grad((logps * weights).sum(), list(gpt.parameters()))
+    # the textbook version: all T positions through the head, log-softmax, the label's entry, masked
+    full = F.log_softmax(gpt(idx), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected = full.masked_fill(labels == model.IGNORE_INDEX, 0.0)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), list(gpt.parameters()))
+    assert logps.dtype == torch.float32 and logps.shape == labels.shape
+    assert (logps[labels == model.IGNORE_INDEX] == 0).all()  # exactly zero, not merely small
+    torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5)
+    for (name, _), a, b in zip(gpt.named_parameters(), grads, expected_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
 
 
 def test_label_log_probs_with_no_labelled_token():
@@ -200,7 +219,7 @@ def test_load_from_transformers_save_pretrained(tmp_path):
     hf = rough_hf_gpt2(tmp_path, **SMALL)
     assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path))
     assert all(k.startswith("transformer.") for k in load_file(tmp_path / "model.safetensors"))
-    gpt = GPT.from_pretrained(str(tmp_path)).eval()
+    gpt = load_pretrained(str(tmp_path)).eval()
     idx = random_tokens(64, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(gpt(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
@@ -227,7 +246,7 @@ def test_load_hub_style_safetensors(tmp_path):
         "n_ctx": n, "n_positions": n, "n_embd": SMALL["n_embd"], "n_head": SMALL["n_head"],
         "n_layer": SMALL["n_layer"], "vocab_size": SMALL["vocab_size"], "layer_norm_epsilon": 1e-5}))
 
-    gpt = GPT.from_pretrained(str(hub)).eval()
+    gpt = load_pretrained(str(hub)).eval()
     idx = random_tokens(64, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(gpt(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,8 @@ import torch
 import dpo
 import rlhf
 from conftest import read_log
-from machinery.checkpoints import load_checkpoint
+from experiments import onpolicy_pairs
+from machinery.models import load_checkpoint
 from model import GPTConfig
 
 
@@ -94,7 +95,7 @@ def test_ppo_against_the_reward_model_and_on_policy_pairs_that_dpo_trains_on(toy
     record = read_log(tmp_path / "ppo", "train")[-1]
     assert all(math.isfinite(record[k]) for k in ("loss", "value_loss", "reward", "kl"))
     pairs = tmp_path / "pairs.jsonl"
-    rlhf.main(["pairs", "--init", toy_models["sft"], "--num_prompts", "60", "--out", str(pairs)])
+    onpolicy_pairs.main(["--init", toy_models["sft"], "--num_prompts", "60", "--out", str(pairs)])
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     assert 20 <= len(rows) <= 60 and all(rlhf.toy_reward(r["chosen"]) > rlhf.toy_reward(r["rejected"]) for r in rows)
     dpo.main(["--demo", "--init", toy_models["sft"], "--data", str(pairs), "--max_iters", "1", "--eval_batches", "1",

@@ -11,7 +11,7 @@ import torch
 import sft
 from conftest import HH_TEST, TINY, read_log, run_script
 from data import collate, sft_examples, toy_pairs, tokenize_pairs
-from machinery.checkpoints import load_checkpoint, open_model
+from machinery.models import load_checkpoint, open_model
 from model import GPT, GPTConfig, IGNORE_INDEX
 
 
@@ -141,7 +141,7 @@ def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
 
 
 def test_a_resumed_log_drops_the_records_after_the_checkpoint(tmp_path):
-    from machinery.runlog import RunLog
+    from machinery.run import RunLog
     log = RunLog(tmp_path)
     for step in range(1, 6):
         log({"iter": step, "split": "train", "loss": 1.0})

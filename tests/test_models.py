@@ -1,4 +1,4 @@
-"""machinery/weights.py: Hugging Face weights in, each mistake one line before anything loads, and out:
+"""machinery/models.py: Hugging Face weights in, each mistake one line before anything loads, and out:
 what save_pretrained writes, transformers loads, to the same logits."""
 import json
 import logging
@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import make_hf_gpt2, one_line_user_error, run_script
 from machinery import UserError
-from machinery.checkpoints import open_model
-from machinery.weights import load_pretrained, save_pretrained
+from machinery.models import open_model
+from machinery.models import load_pretrained, save_pretrained
 from test_model import SMALL, random_tokens, tiny_gpt
 
 
