@@ -53,7 +53,7 @@ def split_hh(chosen, rejected):
 HH = Dialogue(HUMAN, ASSISTANT, split_hh)  # what machinery/formats.py needs of HH to render other formats as HH
 
 
-# The toy task: polite against rude replies, with an oracle reward
+# The toy task: requests answered politely (chosen) or rudely (rejected), and an oracle that scores any reply
 
 TOY_TASKS = ["bake bread", "fix a bike", "plant tomatoes", "learn chess", "write a poem", "paint a wall",
              "cook rice", "tie a tie", "clean a window", "train a puppy", "save money", "sleep better",
@@ -68,27 +68,41 @@ TOY_RUDE = (["Ugh", "No", "Whatever", "Seriously", "Go away"],
              "that is boring"])
 
 
-def _toy_reply(rng, task, name, words):
-    opener, closer = words
-    return f" {rng.choice(opener)}, {name}. To {task}, start small and practice daily. {rng.choice(closer).capitalize()}!"
+def toy_answer(task):
+    return f"To {task}, start small and practice daily."  # the middle sentence of every toy reply
 
 
 def toy_pairs(split, n=None):
-    """Deterministic pairs: the chosen reply is polite, the rejected one rude, same middle sentence."""
+    """Deterministic pairs: the chosen reply is polite, the rejected one rude, the same answer between. Held out
+    means never trained on: a test prompt's (task, name) is one that no training prompt has (a quarter of the
+    288, each task and name still seen in training with others), so the test split asks new combinations."""
     rng = random.Random(0 if split == "train" else 1)
-    n = n or (2000 if split == "train" else 200)
+    requests = [(task, name, ask) for i, task in enumerate(TOY_TASKS) for j, name in enumerate(TOY_NAMES)
+                for ask in TOY_ASKS if ((i + j) % 4 == 0) == (split == "test")]
+    # training draws its 2,000 pairs from its 864 requests; the test split takes 200 different ones of its 288
+    drawn = [rng.choice(requests) for _ in range(n or 2000)] if split == "train" else rng.sample(requests, n or 200)
     pairs = []
-    for _ in range(n):
-        task, name = rng.choice(TOY_TASKS), rng.choice(TOY_NAMES)
-        prompt = f"{HUMAN} Hi, I am {name}. {rng.choice(TOY_ASKS).format(t=task)}{ASSISTANT}"
+    for task, name, ask in drawn:
+        prompt = f"{HUMAN} Hi, I am {name}. {ask.format(t=task)}{ASSISTANT}"
         pairs.append({"prompt": prompt, "chosen": _toy_reply(rng, task, name, TOY_POLITE),
                       "rejected": _toy_reply(rng, task, name, TOY_RUDE)})
     return pairs
 
 
-def toy_reward(text):
-    """The oracle: +1 for a purely polite reply, -1 for a purely rude one, the balance in between."""
-    text = text.lower()
+def _toy_reply(rng, task, name, words):
+    opener, closer = words
+    return f" {rng.choice(opener)}, {name}. {toy_answer(task)} {rng.choice(closer).capitalize()}!"
+
+
+def toy_reward(prompt, reply):
+    """The oracle. A reply counts only if it answers the request: it says the prompt's task's answer exactly
+    once. Then its tone scores it: +1 if its tone words are all polite, -1 if all rude, the balance in
+    between. A reply that does not answer (the answer dropped, cut short, repeated, or about another task)
+    scores -1, as low as the rudest answer: polite words alone, or length, buy nothing."""
+    task = next((task for task in TOY_TASKS if task in prompt), None)
+    if task is None or reply.count(toy_answer(task)) != 1:
+        return -1.0
+    text = reply.lower()
 
     def count(phrase):  # whole words only: "no" must not match inside "know"
         return len(re.findall(r"\b" + re.escape(phrase.lower()) + r"\b", text))

@@ -12,6 +12,7 @@ No reward model, no sampling, no RL: a forward pass of the policy and one of the
     python dpo.py --demo --beta 0.1 --swap        # the "bad" model: rejected responses as preferred
 """
 import copy
+import os
 import time
 
 import torch
@@ -30,7 +31,7 @@ from model import param_groups
 DEFAULTS = dict(init="out/sft", data="Anthropic/hh-rlhf", batch_size=8, grad_accum=8, max_len=512, lr=1e-6,
                 warmup=150, max_iters=2500, eval_interval=250, optimizer="rmsprop", beta=0.1)
 # --demo: the toy task from the demo's SFT model, on a CPU.
-DEMO = dict(init="out/demo/sft", data="toy", batch_size=8, grad_accum=1, max_len=64, lr=1e-4, warmup=10,
+DEMO = dict(init="out/demo/sft", data="toy", batch_size=8, grad_accum=1, max_len=64, lr=5e-5, warmup=10,
             max_iters=40, eval_interval=20, eval_batches=4, device="cpu", optimizer="adamw")
 EXPERIMENT = ("ref", "swap", "beta", "loss_type", "label_smoothing", "optimizer", "share_prompt", "precompute_ref")
 
@@ -55,9 +56,10 @@ def parse_args(argv=None):
         parser.error(f"--init {args.init} is a DPO run: pass --ref too, the SFT model it was trained from")
     args.out_dir = args.out_dir or cli.default_out_dir(parser, args, "dpo-bad" if args.swap else "dpo", ("swap",))
     args.ref = args.ref or args.init
-    args.next = "python sample.py --demo" if args.demo and args.ref == args.init else cli.next_command(
-        parser, args, "sample.py", [("--model", f"reference={args.ref}"), ("--model", f"dpo={args.out_dir}")],
-        carry=("data", "device"))
+    in_demo = args.demo and args.ref == args.init and os.path.dirname(os.path.normpath(args.out_dir)) == "out/demo"
+    compare = [] if args.ref == "scratch" else [("--model", f"reference={args.ref}")]  # scratch: nothing to load
+    args.next = "python sample.py --demo" if in_demo else cli.next_command(
+        parser, args, "sample.py", compare + [("--model", f"dpo={args.out_dir}")], carry=("data", "device"))
     return args
 
 

@@ -1,14 +1,15 @@
-"""Pictures of what the scripts wrote: training curves, the reward/KL frontier, and the SFT-length figure.
+"""The figures a learner draws of their own runs: training curves, reward against KL, the loss, a batch.
 
-    python plot.py curves dpo=out/demo/dpo --out results/dpo-curves.png        # one or more LABEL=OUT_DIR
-    python plot.py frontier results/beta-frontier.json --out results/beta-frontier.png
-    python plot.py sft-length results/sft-length.json --out results/sft-length.png
+    python plot.py curves dpo=out/demo/dpo --out out/dpo-curves.png       # one or more LABEL=OUT_DIR
+    python plot.py frontier out/demo/samples.json --out out/frontier.png   # sample.py's results files
     python plot.py losses --out results/losses.png     # the loss of one pair against beta h, and its pull
+    python plot.py batch --out results/batch.png       # one HH pair as dpo_batch and packed_dpo_batch lay it out
 
 `curves` reads OUT_DIR/log.jsonl (train records as thin lines, test evaluations as markers). `frontier`
 reads sample.py's JSON files: one point per model at (mean KL to the reference, mean oracle reward),
-with error bars of one standard error over the samples, the analogue of the DPO paper's Figure 2.
-Models labelled FAMILY@STEP (say beta0.1@40: beta 0.1 after 40 DPO steps) are joined in step order.
+with error bars of one standard error over the samples and its mean reply length beside it, the analogue
+of the DPO paper's Figure 2. Models labelled FAMILY@STEP (say beta0.1@40: beta 0.1 after 40 DPO steps) are
+joined in step order. The experiments' own figures are drawn by their modules (experiments/).
 """
 import json
 import math
@@ -56,10 +57,19 @@ def read_log(out_dir):
 
 
 def series(records, split, key):
-    """(steps, values) of one metric, in step order, from the records of one split."""
+    """(steps, values) of one metric, in step order, from the records of one split. A value that is not a number
+    (a string, a list: a log written by something else) is one line naming it."""
     points = sorted((r["iter"], r[key]) for r in records if r.get("split") == split and key in r)
+    for step, value in points:
+        if not is_number(value):
+            raise UserError(f"the {split} record of step {step} has {key} = {str(value)[:40]!r}, not a number: is "
+                            "this a log.jsonl that sft.py or dpo.py wrote?")
     steps = np.array([p[0] for p in points], dtype=float)
     return steps, np.array([p[1] for p in points], dtype=float)
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def parse_label(label):
@@ -89,14 +99,22 @@ def frontier_points(paths):
     points = {}
     for path in paths:
         samples = read_json_field(path, "samples", "a sample.py results file")
+        if not isinstance(samples, dict):
+            raise UserError(f"{path}: 'samples' is a {type(samples).__name__}, not {{model: [samples]}}: is it a "
+                            "sample.py results file?")
         for label, rows in samples.items():
             if label in points:
                 raise UserError(f"model label {label!r} appears twice ({path}); labels must be unique")
-            if not rows or "reward" not in rows[0]:
+            if not isinstance(rows, list) or not rows or not all(isinstance(row, dict) and "reward" in row for row in rows):
                 raise UserError(f"{path}: model {label!r} has no oracle rewards (sample.py --data toy writes them)")
+            bad = next((row for row in rows if not (is_number(row.get("kl")) and is_number(row["reward"]))), None)
+            if bad is not None:
+                raise UserError(f"{path}: model {label!r} has a sample whose kl or reward is not a number "
+                                f"({str(bad)[:60]}); write it again with sample.py")
             kl, kl_sem = mean_and_sem([row["kl"] for row in rows])
             reward, reward_sem = mean_and_sem([row["reward"] for row in rows])
-            points[label] = dict(kl=kl, kl_sem=kl_sem, reward=reward, reward_sem=reward_sem, n=len(rows))
+            length = sum(row.get("tokens", math.nan) for row in rows) / len(rows)
+            points[label] = dict(kl=kl, kl_sem=kl_sem, reward=reward, reward_sem=reward_sem, n=len(rows), length=length)
     return points
 
 
@@ -149,60 +167,18 @@ def plot_frontier(points, out, title, log_kl=False):
         ax.errorbar(kl, reward, xerr=[m[2]["kl_sem"] for m in members],
                     yerr=[m[2]["reward_sem"] for m in members], fmt="o-", capsize=3, label=family)
         for step, label, point in members:
-            if "@" in label:
-                ax.annotate(str(step), (point["kl"], point["reward"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7)
+            ax.annotate((f"{step}: " if "@" in label else "") + f"{point['length']:.0f} tok", (point["kl"], point["reward"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
     n = sorted({p["n"] for p in points.values()})
     if log_kl:
         ax.set_xscale("symlog", linthresh=0.1)  # linear below 0.1 nats: the reference's 0 stays on the axis
     ax.set_xlabel("KL(policy || reference) on the policy's own samples (nats, mean over samples)")
     ax.set_ylabel("oracle reward (mean over samples)")
     ax.set_title(f"{title}\nerror bars: one standard error over {'/'.join(map(str, n))} samples; "
-                 "numbers: DPO step", fontsize=10)
+                 "labels: DPO step and mean reply length", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save(fig, out)
-
-
-def plot_sft_length(path, out, title):
-    """What DPO gains (oracle reward, DPO minus SFT) against the SFT run's length: the mean across seeds
-    with one standard error across them, and each seed as a dot."""
-    runs = read_json_field(path, "runs", "an sft-length results file")
-    lengths = sorted({r["sft_steps"] for r in runs})
-    fig, ax = plt.subplots(figsize=(FIGSIZE[0], FIGSIZE[1] * 0.75))
-    stats = [mean_and_sem([r["gain"] for r in runs if r["sft_steps"] == n]) for n in lengths]
-    ax.errorbar(lengths, [m for m, _ in stats], yerr=[e for _, e in stats], fmt="o-", capsize=4, lw=2,
-                label="mean over seeds, +- one standard error")
-    ax.plot([r["sft_steps"] for r in runs], [r["gain"] for r in runs], ".", color="gray", label="one seed")
-    ax.axhline(0, color="black", lw=0.8)
-    finish(fig, ax, out, title, "SFT length (optimizer steps, each run's own cosine schedule)",
-           "gain in oracle reward: DPO minus SFT")
-
-
-def finish(fig, ax, out, title, xlabel, ylabel):
-    """One panel's labels, title, grid and legend, then the file."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, out)
-
-
-def plot_sft_curves(path, out, title):
-    """SFT's held-out loss along each run of the SFT-length experiment (log scale), and the data's floor."""
-    runs = read_json_field(path, "runs", "an sft-length results file")
-    floor = read_json_field(path, "floor", "an sft-length results file")
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    colors = dict(zip(sorted({r["sft_steps"] for r in runs}), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for r in runs:
-        steps, losses = zip(*r["sft_curve"])
-        ax.plot(steps, losses, "-", color=colors[r["sft_steps"]], lw=1, alpha=0.8,
-                label=f"{r['sft_steps']}-step schedule" if r["seed"] == runs[0]["seed"] else None)
-    ax.axhline(floor["nats"], color="gray", ls="--", lw=1.2, label=f"the data's floor: ln {floor['choices']} nats "
-               f"(2 tones x 5 openers x 5 closers) over {floor['tokens']:.1f} tokens")
-    ax.set_yscale("log")
-    finish(fig, ax, out, title, "optimizer step", "SFT held-out loss per reply token (nats)")
 
 
 def plot_batch(pair_index, out, title):
@@ -304,42 +280,6 @@ def _save_without_layout(fig, out):
     save(fig, out)
 
 
-def plot_rlhf_frontier(path, out, title):
-    """experiments/frontier.py's figure: oracle reward against KL from the SFT model, each run of each
-    method a curve along its checkpoints (the best setting of a method drawn bold), best-of-N a dashed line
-    at its KL bound; one standard error as bars."""
-    record = read_json_field(path, "points", "experiments/frontier.py's results")
-    runs = read_json_field(path, "runs", "experiments/frontier.py's results")
-    best = read_json_field(path, "best", "experiments/frontier.py's results")
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    colors = dict(zip(list(runs) + ["Best-of-N"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    sft_kl, _, sft_reward, sft_error, _ = record["sft"]
-    ax.errorbar([sft_kl], [sft_reward], yerr=[sft_error], fmt="ks", capsize=3, label="SFT (the reference)")
-    for method, labels in runs.items():
-        for label in labels:
-            path_points = sorted((int(key.rsplit("@", 1)[1]), value) for key, value in record.items()
-                                 if key.startswith(label + " @"))
-            if not path_points:
-                continue
-            kl = [sft_kl] + [p[1][0] for p in path_points]
-            reward = [sft_reward] + [p[1][2] for p in path_points]
-            error = [sft_error] + [p[1][3] for p in path_points]
-            bold = label == best[method]
-            ax.errorbar(kl, reward, yerr=error, fmt="o-" if bold else ".-", color=colors[method], capsize=2 if bold else 0,
-                        lw=2.2 if bold else 0.8, alpha=1 if bold else 0.45, label=method if bold else None)
-    n_points = sorted((value for key, value in record.items() if key.startswith("N=")), key=lambda v: v[0])
-    ax.errorbar([p[0] for p in n_points], [p[2] for p in n_points], yerr=[p[3] for p in n_points], fmt="^--",
-                color=colors["Best-of-N"], capsize=2, label="Best-of-N (KL: its bound log N - (N-1)/N)")
-    ax.set_xscale("symlog", linthresh=0.1)
-    ax.set_xlabel("KL(policy || SFT model) on the policy's own samples (nats; linear below 0.1)")
-    ax.set_ylabel("oracle reward (mean over 200 held-out prompts)")
-    ax.set_title(title or "The DPO paper's fig. 2 on the toy task: reward against KL, each method's best setting bold",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    save(fig, out)
-
-
 def loss_curves(beta_h, smoothing=(0.0, 0.1, 0.25)):
     """dpo_loss itself, on one pair per value of beta h (beta 1, reference log-probs 0): the loss, and
     its pull, -dL/d(beta h), for DPO (eps 0) and conservative DPO (eps > 0). Returns {eps: (loss, pull)}."""
@@ -406,16 +346,10 @@ def parse_args(argv=None):
     frontier = commands.add_parser("frontier", help="oracle reward against KL from sample.py results")
     frontier.add_argument("results", nargs="+", metavar="RESULTS.json")
     frontier.add_argument("--log_kl", action="store_true", help="a log KL axis")
-    curves_of_sft = commands.add_parser("sft-curves", help="SFT's held-out loss along the SFT-length runs")
-    curves_of_sft.add_argument("results", metavar="SFT_LENGTH.json")
-    rlhf_frontier = commands.add_parser("rlhf-frontier", help="experiments/frontier.py's figure")
-    rlhf_frontier.add_argument("results", metavar="FRONTIER.json")
     batch = commands.add_parser("batch", help="one real HH pair as dpo_batch and packed_dpo_batch lay it out")
     batch.add_argument("--pair", type=int, default=1, help="which pair of the shipped HH excerpt's test split")
-    length = commands.add_parser("sft-length", help="the SFT-length experiment's figure")
-    length.add_argument("results", metavar="SFT_LENGTH.json")
     losses = commands.add_parser("losses", help="dpo_loss and its pull against beta h (no input needed)")
-    for sub in (curves, frontier, length, losses, curves_of_sft, rlhf_frontier, batch):
+    for sub in (curves, frontier, losses, batch):
         sub.add_argument("--out", required=True, help="the PNG to write")
         sub.add_argument("--title", default="", help="the figure's title: say what was run")
     return parser.parse_args(argv)
@@ -436,16 +370,10 @@ def main(argv=None):
             plot_curves(runs, args.out, args.title, hlines)
         elif args.command == "frontier":
             plot_frontier(frontier_points(args.results), args.out, args.title, args.log_kl)
-        elif args.command == "sft-curves":
-            plot_sft_curves(args.results, args.out, args.title)
-        elif args.command == "rlhf-frontier":
-            plot_rlhf_frontier(args.results, args.out, args.title)
         elif args.command == "batch":
             plot_batch(args.pair, args.out, args.title)
-        elif args.command == "losses":
-            plot_losses(args.out, args.title)
         else:
-            plot_sft_length(args.results, args.out, args.title)
+            plot_losses(args.out, args.title)
 
 
 if __name__ == "__main__":

@@ -233,11 +233,16 @@ def rollouts(policy, prompts, args, step, tokenizer):
     return new, texts
 
 
+def oracle(prompts, texts, tokenizer):
+    """The toy task's true reward of each reply (texts) to its prompt (token ids)."""
+    return [toy_reward(tokenizer.decode(prompt), text) for prompt, text in zip(prompts, texts)]
+
+
 @torch.no_grad()
-def score(prompts, responses, texts, reward_model, args):
+def score(prompts, responses, texts, reward_model, args, tokenizer):
     """The reward of each rollout: the reward model's r(x, y), or with --oracle the toy task's true reward."""
     if args.oracle:
-        return torch.tensor([toy_reward(text) for text in texts], device=args.device)
+        return torch.tensor(oracle(prompts, texts, tokenizer), device=args.device)
     return scores_at_last(reward_model, *full_rows([p + r for p, r in zip(prompts, responses)], args.device))
 
 
@@ -248,10 +253,10 @@ def evaluate_policy(policy, reference, reward_model, prompts, args, tokenizer):
     responses, texts = rollouts(policy, prompts, args, -1, tokenizer)
     ids, labels = (t.to(args.device) for t in collate([inputs_and_labels(p, r) for p, r in zip(prompts, responses)]))
     kl = (policy(ids, labels) - reference(ids, labels)).sum(1)
-    metrics = {"reward": score(prompts, responses, texts, reward_model, args).mean().item(), "kl": kl.mean().item(),
+    metrics = {"reward": score(prompts, responses, texts, reward_model, args, tokenizer).mean().item(), "kl": kl.mean().item(),
                "length": sum(map(len, responses)) / len(responses)}
     if args.data == "toy":
-        metrics["oracle_reward"] = sum(map(toy_reward, texts)) / len(texts)
+        metrics["oracle_reward"] = sum(oracle(prompts, texts, tokenizer)) / len(texts)
     return metrics
 
 
@@ -322,7 +327,7 @@ def train_ppo(args, run):
             old_logps = policy(ids, labels)
             ref_logps = reference(ids, labels)
             values = value_model(ids) * mask  # V of the state before each reply token
-            scores = score(batch_prompts, responses, texts, reward_model, args)
+            scores = score(batch_prompts, responses, texts, reward_model, args, tokenizer)
         rewards = kl_penalized_rewards(old_logps, ref_logps, scores, mask, args.kl_coef)
         advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
         on = mask.bool()  # advantages whitened (shifted to mean 0, scaled to standard deviation 1) over the batch's
@@ -353,7 +358,7 @@ def train_ppo(args, run):
                   "kl": ((old_logps - ref_logps) * mask).sum(1).mean().item(), "length": mask.sum(1).mean().item(),
                   "lr": lr, "dt_ms": (time.time() - t0) * 1000}
         if args.data == "toy":
-            record["oracle_reward"] = sum(map(toy_reward, texts)) / len(texts)
+            record["oracle_reward"] = sum(oracle(batch_prompts, texts, tokenizer)) / len(texts)
         run.log(record)
         if run.stop_requested():
             break

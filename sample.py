@@ -1,6 +1,6 @@
 """Samples from several models side by side, and what DPO changed. Every model gets the same prompts and, per
 prompt, the same random seed, so the completions differ by the weights alone; means come with their standard
-error ("+-"). KL from the reference: the mean over the model's own samples y ~ pi (temperature 1, all tokens) of
+error ("±"). KL from the reference: the mean over the model's own samples y ~ pi (temperature 1, all tokens) of
 sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)], the x-axis of the paper's fig. 2 (of the replies as
 cut at --max_new_tokens or the next "Human:" turn: a lower bound). The oracle reward is data.toy_reward;
 held-out accuracy, the share of --data's test pairs whose chosen reply has the higher log(pi / pi_ref).
@@ -83,7 +83,7 @@ def compare(args):
         summary[label] = {"mean_length": sum(map(len, new)) / len(new), **results.mean_and_error("kl", kls)}
         if args.data == "toy":  # the oracle: the true reward, which real preference data does not have
             for row in samples[label]:
-                row["reward"] = toy_reward(row["completion"])
+                row["reward"] = toy_reward(row["prompt"], row["completion"])
             rewards = [row["reward"] for row in samples[label]]
             summary[label].update(results.mean_and_error("oracle_reward", rewards))
         if pairs:  # the implicit reward without beta, log(pi / pi_ref), should rank the chosen reply higher

@@ -27,7 +27,7 @@ DEFAULTS = dict(init="gpt2", data="Anthropic/hh-rlhf", batch_size=8, grad_accum=
                 warmup=100, max_iters=1500, eval_interval=250, weight_decay=0.0, target="chosen")
 # --demo: the toy task on a 2-layer, 64-wide model from scratch, on a CPU.
 DEMO = dict(init="scratch", data="toy", batch_size=24, grad_accum=1, max_len=64, lr=3e-3, warmup=20,
-            max_iters=300, eval_interval=100, eval_batches=4, device="cpu", weight_decay=0.1, target="both")
+            max_iters=500, eval_interval=100, eval_batches=4, device="cpu", weight_decay=0.1, target="both")
 EXPERIMENT = ("target", "lr_decay_iters")  # sft.py's own flags that --resume must find unchanged
 
 

@@ -22,9 +22,10 @@ import sample
 import sft
 from data import collate, get_tokenizer, load_preferences
 from machinery.models import open_model
-from machinery.results import mean_and_sem
+from machinery.results import machine, mean_and_sem
 
 OUT = "out/exercises"
+HH_EXCERPT = "examples/hh-rlhf-harmless-base"
 
 # name: (module, function, the line's code as it is, the code broken). A line is matched by its code alone:
 # its comment, and the indentation, may change without breaking the exercise.
@@ -146,25 +147,28 @@ def main():
     summary = samples_of([("sft", base), ("no-eos", f"{OUT}/sft-no-eos")], "no-eos")
     results["no-eos"] = {"length": summary["no-eos"]["mean_length"], "length_with_eos": summary["sft"]["mean_length"],
                          "max_new_tokens": 40}
-    # 5. each micro-batch's own mean in SFT's gradient accumulation: the first step's gradient norm
+    # 5. each micro-batch's own mean in SFT's gradient accumulation: the first step's gradient norm, on the toy
+    # replies (nearly all one length) and on the shipped HH excerpt's (whose lengths differ a lot)
     norms = {}
-    for label, flags in (("one batch", ["--batch_size", "32", "--grad_accum", "1"]),
-                         ("4 micro-batches", ["--batch_size", "8", "--grad_accum", "4"])):
-        for broken_name in (None, "per-micro-batch-mean"):
-            out_dir = fresh(f"{OUT}/accumulation")
-            with broken(broken_name) if broken_name else contextlib.nullcontext():
-                sft.main(["--demo", "--max_iters", "1", "--eval_interval", "0", "--eval_batches", "1", "--out_dir",
-                          out_dir] + flags)
-            norms[f"{label}{' (broken)' if broken_name else ''}"] = last(out_dir, "train", "grad_norm")
+    for data_name, data_flags in (("toy", []), ("HH", ["--data", HH_EXCERPT, "--max_len", "128"])):
+        for label, flags in (("one batch", ["--batch_size", "32", "--grad_accum", "1"]),
+                             ("4 micro-batches", ["--batch_size", "8", "--grad_accum", "4"])):
+            for broken_name in (None, "per-micro-batch-mean"):
+                out_dir = fresh(f"{OUT}/accumulation")
+                with broken(broken_name) if broken_name else contextlib.nullcontext():
+                    sft.main(["--demo", "--max_iters", "1", "--eval_interval", "0", "--eval_batches", "1", "--out_dir",
+                              out_dir] + flags + data_flags)
+                norms[f"{data_name}: {label}{' (broken)' if broken_name else ''}"] = last(out_dir, "train", "grad_norm")
     results["per-micro-batch-mean"] = norms
-    # 6. a learning rate five times the demo's
-    lr = dpo.DEMO["lr"] * 5
+    # 6. a learning rate ten times the demo's
+    lr = dpo.DEMO["lr"] * 10
     dpo.main(dpo_flags + ["--lr", str(lr), "--out_dir", fresh(f"{OUT}/dpo-lr")])
     summary = samples_of([("sft", base), ("lr", f"{OUT}/dpo-lr")], "lr")
     with open(f"{OUT}/dpo-lr/log.jsonl") as f:
         chosen = [json.loads(line)["logps/chosen"] for line in f if json.loads(line)["split"] == "test"]
     results["high-lr"] = {"lr": lr, "logps_chosen": chosen, "kl": summary["lr"]["kl"],
                           "reward": summary["lr"]["oracle_reward"]}
+    results["machine"] = machine()
     with open("results/exercises.json", "w") as f:
         json.dump(results, f, indent=1)
     print("wrote results/exercises.json")

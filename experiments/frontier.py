@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 
+import matplotlib.pyplot as plt
 import torch
 
 import dpo
@@ -37,7 +38,7 @@ import sft
 from experiments import onpolicy_pairs
 from data import get_tokenizer, load_preferences, toy_reward
 from machinery.models import open_model
-from machinery.results import mean_and_sem
+from machinery.results import machine, mean_and_sem
 
 OUT = "out/frontier"
 STEPS = (10, 20, 30)              # sampled along every run; the last is the step budget
@@ -127,21 +128,24 @@ def best_of_n(counter):
     best-of-2 picks among best-of-32's first two), and log N - (N - 1) / N, an upper bound on its KL."""
     tokenizer = get_tokenizer()
     policy = open_model(SFT).eval()
-    prompts = [tokenizer.encode_ordinary(p["prompt"]) for p in load_preferences("toy", "test")[:PROMPTS]]
+    texts = [p["prompt"] for p in load_preferences("toy", "test")[:PROMPTS]]
+    prompts = [tokenizer.encode_ordinary(text) for text in texts]
     counter.method = "Best-of-N"
-    rewards = []
+    rewards, lengths = [], []  # [draw][prompt]
     with torch.no_grad():
-        for draw in range(max(N_VALUES)):
-            generators = [torch.Generator().manual_seed(7919 * draw + i) for i in range(len(prompts))]
-            texts = sample.complete(policy, prompts, tokenizer, generators, 40)[1]
-            rewards.append([toy_reward(t) for t in texts])
+        for number in range(max(N_VALUES)):
+            generators = [torch.Generator().manual_seed(7919 * number + i) for i in range(len(prompts))]
+            new, replies = sample.complete(policy, prompts, tokenizer, generators, 40)
+            rewards.append([toy_reward(text, reply) for text, reply in zip(texts, replies)])
+            lengths.append([len(ids) for ids in new])
     counter.method = None
     points = {}
     for n in N_VALUES:
-        best = [max(rewards[d][i] for d in range(n)) for i in range(len(prompts))]
-        reward, error = mean_and_sem(best)
-        kl = math.log(n) - (n - 1) / n
-        points[f"N={n}"] = (kl, 0.0, reward, error, None)
+        # each prompt's first sample of the highest reward among its first n
+        kept = [max(range(n), key=lambda d: (rewards[d][i], -d)) for i in range(len(prompts))]
+        reward, error = mean_and_sem([rewards[d][i] for i, d in enumerate(kept)])
+        length = sum(lengths[d][i] for i, d in enumerate(kept)) / len(kept)
+        points[f"N={n}"] = (math.log(n) - (n - 1) / n, 0.0, reward, error, length)
     return points
 
 
@@ -217,11 +221,51 @@ def main():
     record = {"steps": STEPS, "lrs": LRS, "prompts": PROMPTS, "sft": points["sft"], "best_lr": best_lr,
               "best": best, "points": points, "runs": {m: {label: {k: v for k, v in r.items() if k != "copies"}
                                                             for label, r in labels.items()} for m, labels in runs.items()},
-              "tokens": counter.tokens, "wall_s": wall, "total_s": time.time() - started, "lines": lesson_lines()}
+              "tokens": counter.tokens, "wall_s": wall, "total_s": time.time() - started, "lines": lesson_lines(),
+              "machine": machine()}
     with open("results/frontier.json", "w") as f:
         json.dump(record, f, indent=1)
     print(f"wrote results/frontier.json after {record['total_s'] / 60:.1f} minutes")
-    plot.main(["rlhf-frontier", "results/frontier.json", "--out", "results/frontier.png"])
+    draw(record, "results/frontier.png")
+
+
+def draw(record, out):
+    """Left: oracle reward against KL from the SFT model, each run of each method a curve along its checkpoints
+    (the best setting of a method drawn bold), best-of-N a dashed line at its KL bound; one standard error as
+    bars. Right: the mean reply length of the same checkpoints against their KL."""
+    points, runs, best = record["points"], record["runs"], record["best"]
+    fig, (ax, lengths) = plt.subplots(1, 2, figsize=(plot.FIGSIZE[0] * 1.3, plot.FIGSIZE[1]),
+                                      gridspec_kw={"width_ratios": [3, 2]})
+    colors = dict(zip(list(runs) + ["Best-of-N"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    sft_kl, _, sft_reward, sft_error, sft_length = points["sft"]
+    ax.errorbar([sft_kl], [sft_reward], yerr=[sft_error], fmt="ks", capsize=3, label="SFT (the reference)")
+    lengths.plot([sft_kl], [sft_length], "ks")
+    for method, labels in runs.items():
+        for label in labels:
+            path = sorted((int(key.rsplit("@", 1)[1]), value) for key, value in points.items()
+                          if key.startswith(label + " @"))
+            if not path:
+                continue
+            kl = [sft_kl] + [p[1][0] for p in path]
+            bold = label == best[method]
+            style = dict(color=colors[method], lw=2.2 if bold else 0.8, alpha=1 if bold else 0.45)
+            ax.errorbar(kl, [sft_reward] + [p[1][2] for p in path], yerr=[sft_error] + [p[1][3] for p in path],
+                        fmt="o-" if bold else ".-", capsize=2 if bold else 0, label=method if bold else None, **style)
+            lengths.plot(kl, [sft_length] + [p[1][4] for p in path], "o-" if bold else ".-", **style)
+    n_points = sorted((value for key, value in points.items() if key.startswith("N=")), key=lambda v: v[0])
+    ax.errorbar([p[0] for p in n_points], [p[2] for p in n_points], yerr=[p[3] for p in n_points], fmt="^--",
+                color=colors["Best-of-N"], capsize=2, label="Best-of-N (KL: its bound log N - (N-1)/N)")
+    lengths.plot([p[0] for p in n_points], [p[4] for p in n_points], "^--", color=colors["Best-of-N"])
+    for axis in (ax, lengths):
+        axis.set_xscale("symlog", linthresh=0.1)
+        axis.set_xlabel("KL(policy || SFT model) on its own samples (nats; linear below 0.1)")
+        axis.grid(alpha=0.3)
+    ax.set_ylabel(f"oracle reward (mean over {record['prompts']} held-out prompts)")
+    lengths.set_ylabel("mean reply length (tokens)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("The DPO paper's fig. 2 on the toy task: reward against KL, each method's best setting bold",
+                 fontsize=10)
+    plot.save(fig, out)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,10 @@ def onpolicy_pairs(init, num_prompts=None, max_new_tokens=32, batch_size=200, se
                           for i in range(len(batch))]
             samples.append(complete(policy, batch, tokenizer, generators, max_new_tokens)[1])
         for text, a, b in zip(texts[start:start + batch_size], *samples):
-            if toy_reward(a) == toy_reward(b):
+            if toy_reward(text, a) == toy_reward(text, b):
                 ties += 1  # the oracle prefers neither: no pair
                 continue
-            chosen, rejected = (a, b) if toy_reward(a) > toy_reward(b) else (b, a)
+            chosen, rejected = (a, b) if toy_reward(text, a) > toy_reward(text, b) else (b, a)
             pairs.append({"prompt": text, "chosen": chosen, "rejected": rejected})
     return pairs, ties
 

@@ -5,11 +5,12 @@ summary docs/testing.md shows.
 """
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
 import time
+
+from machinery.results import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = [sys.executable, "-m", "pytest", "-q", "tests"]
@@ -24,8 +25,7 @@ def main():
     if done.returncode != 0:
         sys.exit(f"the suite failed (exit {done.returncode}): nothing written")
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|skipped|failed|deselected)", last)}
-    record = {"command": "python -m pytest -q tests", "counts": counts, "seconds": seconds,
-              "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "machine": platform.machine()}
+    record = {"command": "python -m pytest -q tests", "counts": counts, "seconds": seconds, "machine": machine()}
     with open(os.path.join(ROOT, "results", "suite.json"), "w") as f:
         json.dump(record, f, indent=1)
     print(f"wrote results/suite.json: {seconds:.0f} s")

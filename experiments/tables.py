@@ -300,7 +300,8 @@ def performance_trl():
     _, theirs, their_mib = trl["rows"][-1]
     for name, seconds, mib in trl["rows"][:-1]:
         rows.append([f"{name.split(' ', 1)[1]} / TRL", f"**{seconds / theirs:.3f}**", f"**{mib / their_mib:.3f}**"])
-    return markdown(["", "seconds per DPO step", "peak RSS (MiB)"], rows) + f"\n\n{trl['versions']}; noise: {trl['noise']}."
+    return (markdown(["", "seconds per DPO step", "peak RSS (MiB)"], rows) +
+            f"\n\n`{trl['command']}`, {trl['date']}; {trl['versions']}; {trl['load']}.")
 
 
 def performance_bench():

@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import math
 import os
+import shlex
 import shutil
 import sys
 
@@ -241,7 +242,7 @@ def next_command(parser, args, script, extra, carry=None):
         if flag == "max_prompt_len" and value == args.max_len // 2:
             continue  # its default, which follows --max_len
         if value != defaults.get(flag) and value is not None and value is not False:
-            words.append(f"--{flag}" if value is True else f"--{flag} {value}")
-    words += [f"{flag} {value}" for flag, value in extra]
+            words.append(f"--{flag}" if value is True else f"--{flag} {shlex.quote(str(value))}")
+    words += [f"{flag} {shlex.quote(str(value))}" for flag, value in extra]  # a path with a space stays one word
     return " ".join(words)
 

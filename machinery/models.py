@@ -220,8 +220,7 @@ def save_pretrained(model, directory):
                   resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
                   tie_word_embeddings=True)
     gpt2_vocabulary = c.vocab_size == 50257  # <|endoftext|> and the tokenizer exist only for the full vocabulary
-    if gpt2_vocabulary:
-        config.update(bos_token_id=50256, eos_token_id=50256)
+    config.update(bos_token_id=50256 if gpt2_vocabulary else None, eos_token_id=50256 if gpt2_vocabulary else None)
     weights = {}
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight":
@@ -256,9 +255,9 @@ def tokenizer_files(block_size):
 def export(run_dir, directory):
     """`python -m machinery.models export RUN_DIR DIRECTORY`: a model we trained, as a Hugging Face directory.
     Refuses a DIRECTORY that holds anything, so nothing is written over."""
-    model = open_model(run_dir)
     if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
         raise UserError(f"{directory} exists and is not an empty directory: give a new one")
+    model = open_model(run_dir)
     try:
         save_pretrained(model, directory)
     except OSError as e:

@@ -4,13 +4,16 @@ import glob
 import json
 import math
 import os
+import platform
 import sys
+import time
 
 import numpy as np
+import torch
 
 from data import EOS, tokenize_pairs
 from machinery import UserError
-from machinery.files import atomic_write
+from machinery.files import write_text
 from machinery.cli import at_least
 from machinery.compute import pick_device
 
@@ -102,18 +105,32 @@ def accuracy_pairs(held_out, tokenizer, context):
     return [p for p in pairs if len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) <= context]
 
 
+def machine():
+    """Where a result was made: the same run repeats exactly on one machine, but another CPU, thread count or
+    torch version rounds differently, and training amplifies that (README, section 2)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"torch": torch.__version__, "cpu": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
 def write(args, argv, prompts, samples, summary):
     """The three results files: the command that made them, the table, then every prompt's completions."""
     settings = {k: getattr(args, k) for k in ("model", "data", "temperature", "top_k", "top_p", "max_new_tokens",
                                                "seed")}
     markdown = [f"Temperature {args.temperature}, {len(prompts)} prompts, seed {args.seed}; KL and accuracy "
-                f"against `{args.ref}`; +- is one standard error over the samples.", "", table(summary), ""]
+                f"against `{args.ref}`; ± is one standard error over the samples.", "", table(summary), ""]
     for i, prompt in enumerate(prompts):
         markdown += [f"## Prompt {i + 1}", "", "```", prompt.strip(), "```", ""]
         markdown += [f"- **{label}**: {rows[i]['completion'].strip()!r}" for label, rows in samples.items()] + [""]
     command = " ".join(["python sample.py"] + (sys.argv[1:] if argv is None else list(argv)))
-    write_results(args.results_dir, args.name, command,
-                  {"settings": settings, "reference": args.ref, "summary": summary, "samples": samples}, markdown)
+    write_results(args.results_dir, args.name, command, {"settings": settings, "reference": args.ref,
+                                                          "machine": machine(), "summary": summary,
+                                                          "samples": samples}, markdown)
 
 
 def show(args, prompts, samples, summary):
@@ -150,24 +167,34 @@ def mean_and_error(name, values):
     return {name: mean, name + "_se": error}
 
 
+# the summary's columns, as the README's tables show them: (key, title, decimals)
+COLUMNS = (("oracle_reward", "oracle reward", 3), ("kl", "KL from the reference (nats)", 2),
+           ("mean_length", "mean length (tokens)", 1), ("accuracy", "held-out accuracy", 3))
+
+
+def cell(row, key, decimals):
+    """One summary value as a table shows it: "mean ± its standard error" where there is one."""
+    if key not in row:
+        return ""
+    error = row.get(key + "_se")
+    shown = f"{row[key]:.{decimals}f}"
+    return shown + (f" ± {error:.{decimals}f}" if error is not None and math.isfinite(error) and error else "")
+
+
 def table(summary):
-    """The summary {label: {column: value}} as a markdown table; a mean with a standard error shows as
-    "mean +- error"."""
-    columns = [c for c in ("mean_length", "kl", "oracle_reward", "accuracy") if any(c in row for row in summary.values())]
-    rows = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    """The summary {label: {column: value}} as a markdown table, the README's layout: oracle reward, KL, mean
+    length, held-out accuracy, each mean with its standard error over the samples."""
+    columns = [column for column in COLUMNS if any(column[0] in row for row in summary.values())]
+    rows = ["| model | " + " | ".join(title for _, title, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, row in summary.items():
-        cells = []
-        for c in columns:
-            cell = f"{row[c]:.3f}" if c in row else ""
-            if row.get(c + "_se") is not None and math.isfinite(row[c + "_se"]):
-                cell += f" +- {row[c + '_se']:.3f}"
-            cells.append(cell)
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append(f"| {label} | " + " | ".join(cell(row, key, decimals) for key, _, decimals in columns) + " |")
     return "\n".join(rows)
 
 
 def check_writable(results_dir, name):
-    """Fail before sampling, not after, if the results cannot be written."""
+    """Fail before sampling, not after, if the results cannot be written; a folder made for them is removed
+    again."""
+    made = not os.path.isdir(results_dir)
     try:
         os.makedirs(results_dir, exist_ok=True)
         for extension in (".md", ".json", ".jsonl"):
@@ -178,6 +205,8 @@ def check_writable(results_dir, name):
                 pass
             os.remove(path + ".probe")
     except OSError as e:
+        if made and os.path.isdir(results_dir) and not os.listdir(results_dir):
+            os.rmdir(results_dir)
         raise UserError(f"cannot write {os.path.join(results_dir, name)}.md ({e.strerror}); give "
                         "another --results_dir or --name") from None
 
@@ -202,9 +231,8 @@ def write_results(results_dir, name, command, record, markdown):
                                for label, rows in samples.items() for row in rows),
              ".md": "\n".join([f"# {name}", "", f"`{command}`", ""] + markdown)}
     for extension, text in texts.items():
-        atomic_write(os.path.join(results_dir, name + extension), lambda path: _write_text(path, text))
-
-
-def _write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+        try:
+            write_text(os.path.join(results_dir, name + extension), text)
+        except OSError as e:  # a disk that filled while sampling: each file is whole, or as it was
+            raise UserError(f"cannot write {os.path.join(results_dir, name + extension)} ({e.strerror}); the "
+                            "files written before it are whole, this one is as it was") from None

@@ -93,8 +93,9 @@ def toy_models(tmp_path_factory):
     import sft
     root = tmp_path_factory.mktemp("toy")
     dirs = {name: str(root / name) for name in ("sft", "dpo", "dpo-bad")}
-    # the demo's shape at half its SFT steps and batch: the suite's time budget (each test's margin is in the test)
-    sft.main(["--demo", "--max_iters", "150", "--eval_interval", "150", "--eval_batches", "2",  # evals at 0, 150
+    # the demo's shape at 4/5 of its SFT steps and 2/3 of its batch: the suite's time budget, yet long enough for
+    # the model to answer most requests (the oracle pays only answers; each test's margin is in the test)
+    sft.main(["--demo", "--max_iters", "400", "--eval_interval", "400", "--eval_batches", "2",  # evals at 0, 400
               "--batch_size", "16", "--out_dir", dirs["sft"]] + TINY)
     common = ["--demo", "--init", dirs["sft"], "--beta", "0.1", "--lr", "1e-4", "--max_iters", "20",
               "--eval_interval", "20", "--eval_batches", "4", "--batch_size", "8"]  # evals at step 0 and at the end

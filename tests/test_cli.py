@@ -3,6 +3,7 @@ or written; --help shows each default once; a demo run is named by the flags it 
 command repeats the run's own flags."""
 import os
 import re
+import shlex
 
 import pytest
 import torch
@@ -92,7 +93,7 @@ def test_help_shows_every_default_once_and_a_whole_description(capsys, monkeypat
     with pytest.raises(SystemExit):
         plot.parse_args(["--help"])
     text = capsys.readouterr().out
-    assert text.count("Pictures of what the scripts wrote") == 1  # the description, once
+    assert text.count("The figures a learner draws of their own runs") == 1  # the description, once
 
 
 def test_a_demo_run_is_named_by_the_flags_that_differ_from_the_demos():
@@ -116,6 +117,20 @@ def test_the_next_command_repeats_the_runs_own_flags():
     assert dpo.parse_args(["--demo", "--beta", "0.5"]).next == "python sample.py --demo"
     args = dpo.parse_args(["--init", "out/hh-sft", "--data", "pairs.jsonl", "--device", "cpu", "--out_dir", "out/hh-dpo"])
     assert args.next == "python sample.py --data pairs.jsonl --device cpu --model reference=out/hh-sft --model dpo=out/hh-dpo"
+
+
+def test_every_next_command_runs():
+    # a demo run kept elsewhere is not among out/demo's runs: sample it by name
+    args = dpo.parse_args(["--demo", "--out_dir", "elsewhere/dpo"])
+    assert args.next == "python sample.py --demo --model reference=out/demo/sft --model dpo=elsewhere/dpo"
+    # a reference from scratch is not kept anywhere: only the policy can be named
+    args = dpo.parse_args(["--init", "scratch", "--data", "toy", "--out_dir", "out/x"])
+    assert args.next == "python sample.py --data toy --model dpo=out/x"
+    # a path with a space stays one word in a shell
+    args = sft.parse_args(["--demo", "--out_dir", "my runs/sft"])
+    assert args.next == "python dpo.py --demo --init 'my runs/sft'"
+    assert sample.parse_args(shlex.split(dpo.parse_args(["--demo", "--init", "my runs/sft", "--out_dir", "my runs/dpo"])
+                                         .next)[2:]).model == ["reference=my runs/sft", "dpo=my runs/dpo"]
 
 
 def test_the_gpu_recipe_on_a_laptop_says_what_to_run_instead(tmp_path, monkeypatch, capsys):

@@ -237,25 +237,58 @@ def test_batch_indices():
 # ----------------------------------------------------------------------------------------------------
 # The toy task
 
-def test_toy_pairs_and_oracle_reward():
+def test_toy_pairs():
     train = data.load_preferences("toy", "train", verbose=False)
     test = data.load_preferences("toy", "test", verbose=False)
     assert (len(train), len(test)) == (2000, 200)
     assert train == data.toy_pairs("train") and test == data.toy_pairs("test")  # deterministic
-    assert train[:200] != test
     for pair in train + test:
-        # one prompt for both replies, and both replies address its person and task
+        # one prompt for both replies, and both replies address its person and answer its task
         assert pair["prompt"].startswith("\n\nHuman: Hi, I am ") and pair["prompt"].endswith(data.ASSISTANT)
         name = pair["prompt"].split("I am ")[1].split(".")[0]
         task = next(t for t in data.TOY_TASKS if t in pair["prompt"])
         for reply in (pair["chosen"], pair["rejected"]):
-            assert f", {name}. To {task}, " in reply
-        chosen, rejected = data.toy_reward(pair["chosen"]), data.toy_reward(pair["rejected"])
-        assert -1 <= rejected < 0 < chosen <= 1
-    assert data.toy_reward(" Sure, Ana. Leave me alone!") == 0.0  # one polite, one rude phrase
-    assert data.toy_reward("") == 0.0
+            assert reply.startswith(" ") and f", {name}. {data.toy_answer(task)} " in reply
+        assert data.toy_reward(pair["prompt"], pair["chosen"]) == 1.0
+        assert data.toy_reward(pair["prompt"], pair["rejected"]) == -1.0
 
 
-def test_toy_reward_counts_whole_words_only():
-    assert data.toy_reward("I know nothing about it.") == 0.0  # "no" inside "know" and "nothing" is not rude
-    assert data.toy_reward("No. Go away!") == -1.0 and data.toy_reward("Sure, good luck!") == 1.0
+def test_held_out_prompts_are_never_trained_on():
+    train, test = data.toy_pairs("train"), data.toy_pairs("test")
+    assert {p["prompt"] for p in train} & {p["prompt"] for p in test} == set()  # not one held-out prompt
+
+    def combination(pair):
+        return next(t for t in data.TOY_TASKS if t in pair["prompt"]), pair["prompt"].split("I am ")[1].split(".")[0]
+    # stronger: no (task, name) of the test split is ever asked in training, yet every task and every name is
+    assert {combination(p) for p in train} & {combination(p) for p in test} == set()
+    assert {combination(p)[0] for p in train} == set(data.TOY_TASKS)
+    assert {combination(p)[1] for p in train} == set(data.TOY_NAMES)
+    assert len({p["prompt"] for p in test}) == 200  # 200 different requests
+
+
+PROMPT = "\n\nHuman: Hi, I am Ana. How do I bake bread?\n\nAssistant:"
+
+
+@pytest.mark.parametrize("reply, reward", [
+    (" Sure, Ana. To bake bread, start small and practice daily. Good luck!", 1.0),  # a full polite reply
+    (" Ugh, Ana. To bake bread, start small and practice daily. Leave me alone!", -1.0),  # a full rude one
+    (" Sure, Ana. To bake bread, start small and practice daily. Leave me alone!", 0.0),  # one of each
+    (" To bake bread, start small and practice daily.", 0.0),  # the answer, no tone
+    (" Sure sure sure", -1.0),  # polite words, no answer
+    (" Sure, Ana.", -1.0),  # the polite opener alone
+    (" Sure, Ana. To bake bread, start", -1.0),  # cut short
+    (" Sure, Ana. To fix a bike, start small and practice daily. Good luck!", -1.0),  # another task's answer
+    (" Sure, Ana. To bake bread, start small and practice daily. To bake bread, start small and practice daily. "
+     "Good luck!", -1.0),  # the answer repeated
+    ("", -1.0),
+])
+def test_the_oracle_rewards_an_answer_by_its_tone_and_nothing_else(reply, reward):
+    assert data.toy_reward(PROMPT, reply) == reward
+
+
+def test_the_oracle_counts_whole_words_only():
+    answer = " To bake bread, start small and practice daily."
+    assert data.toy_reward(PROMPT, " I know nothing." + answer) == 0.0  # "no" inside "know" is not rude
+    assert data.toy_reward(PROMPT, " No." + answer + " Go away!") == -1.0
+    assert data.toy_reward(PROMPT, " Sure." + answer + " Good luck!") == 1.0
+    assert data.toy_reward("a prompt that asks no toy task", answer) == -1.0  # nothing asked, nothing answered

@@ -63,7 +63,9 @@ def assert_same_run(one, two):
                     assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-5), (split, x["iter"], key)
     weights_one, weights_two = load_checkpoint(one / "ckpt.pt")["model"], load_checkpoint(two / "ckpt.pt")["model"]
     for name, tensor in weights_one.items():
-        torch.testing.assert_close(weights_two[name], tensor, atol=1e-6, rtol=0, msg=name)
+        # 1e-5, 1% of one step at lr 1e-3: the keys' bias of c_attn has no true gradient (a constant added to every
+        # key cancels in the softmax), only rounding, which Adam's normalized steps carry into the weight
+        torch.testing.assert_close(weights_two[name], tensor, atol=1e-5, rtol=0, msg=name)
 
 
 def test_two_processes_take_the_sft_steps_of_one_and_resume_exactly(runs_dir):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_hf_gpt2, one_line_user_error, run_script
-from machinery import UserError
+from conftest import make_hf_gpt2, one_line_user_error, refused, run_script
+from machinery import UserError, models
 from machinery.models import open_model
 from machinery.models import load_pretrained, save_pretrained
 from test_model import SMALL, random_tokens, tiny_gpt
@@ -114,3 +114,33 @@ def test_a_run_folder_that_never_saved_says_so(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"iter": 0, "split": "test", "loss": 10.8}\n')
     message = one_line_user_error(lambda: open_model(str(tmp_path)))
     assert "holds a run that never saved a checkpoint" in message
+
+
+def test_a_trained_run_exports_to_a_directory_transformers_loads_with_its_tokenizer(sft_dir, tmp_path, capsys):
+    # the documented command, on one of our run directories: weights, config and GPT-2's tokenizer files
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from data import get_tokenizer
+    export = tmp_path / "exported"
+    models.main(["export", str(sft_dir), str(export)])
+    assert "GPT2LMHeadModel.from_pretrained" in capsys.readouterr().out
+    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (export / name).stat().st_mode & 0o777 == 0o666 & ~current_umask(), name  # as any new file here
+    hf = GPT2LMHeadModel.from_pretrained(str(export), attn_implementation="eager").eval()
+    ours = open_model(str(sft_dir)).eval()
+    idx = random_tokens(50257, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx), atol=1e-5, rtol=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(str(export))
+    text = "\n\nHuman: Hi, I am Ana. How do I bake bread?\n\nAssistant: Sure, Ana.<|endoftext|>"
+    assert tokenizer(text)["input_ids"] == get_tokenizer().encode(text, allowed_special="all")
+    assert tokenizer.eos_token_id == 50256
+    # a directory that holds anything is refused, and nothing in it is touched
+    capsys.readouterr()
+    line = refused(lambda: models.main(["export", str(sft_dir), str(export)]), capsys)
+    assert "exists and is not an empty directory" in line
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -73,14 +73,7 @@ def test_writes_pngs(tmp_path):
     path = write_samples(tmp_path / "r.json", {"sft": [(0.0, 0.0), (1.0, 0.0)],
                                                "b@20": [(1.0, 1.0), (0.0, 3.0)], "b@40": [(1.0, 2.0), (1.0, 4.0)]})
     plot.main(["frontier", str(path), "--out", str(tmp_path / "frontier.png")])
-    runs = [{"sft_steps": n, "seed": s, "sft_test_loss": 1.0 / n, "sft_reward": 0.5,
-             "dpo_reward": 0.6 + s / 10, "gain": 0.1 + s / 10, "kl": 1.0, "ref_logps_chosen": -5.0,
-             "ref_logps_rejected": -n, "dpo_end_loss": 0.5, "sft_curve": [[0, 10.8], [n, 1.0 / n]]}
-            for n in (10, 100) for s in (1, 2)]
-    (tmp_path / "len.json").write_text(json.dumps({"runs": runs, "floor": {"choices": 50, "tokens": 20.0, "nats": 0.2}}))
-    plot.main(["sft-length", str(tmp_path / "len.json"), "--out", str(tmp_path / "len.png")])
-    plot.main(["sft-curves", str(tmp_path / "len.json"), "--out", str(tmp_path / "sft-curves.png")])
-    for name in ("curves.png", "frontier.png", "len.png", "sft-curves.png"):
+    for name in ("curves.png", "frontier.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
 
 
@@ -95,8 +88,7 @@ def test_sft_log_gets_the_loss_panel_only(tmp_path):
                    "--out", str(tmp_path / "mixed.png")])
 
 
-@pytest.mark.parametrize("argv", [["curves", "x=MISSING_DIR"], ["frontier", "MISSING.json"],
-                                  ["sft-length", "MISSING.json"]])
+@pytest.mark.parametrize("argv", [["curves", "x=MISSING_DIR"], ["frontier", "MISSING.json"]])
 def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         plot.main([a.replace("MISSING", str(tmp_path / "missing")) for a in argv]
@@ -122,6 +114,26 @@ def test_a_log_with_no_records_is_one_line_and_no_png(tmp_path, capsys, content)
     line = refused(lambda: plot.main(["curves", str(tmp_path), "--out", str(tmp_path / "x.png")]), capsys)
     assert "has no train or test records" in line
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("loss", ['"0.5"', '{"a": 1}', "[0.5, 0.4]"], ids=["string", "dict", "list"])
+def test_a_log_whose_loss_is_not_a_number_is_one_line(tmp_path, capsys, loss):
+    (tmp_path / "log.jsonl").write_text(f'{{"iter": 1, "split": "train", "loss": {loss}}}\n')
+    line = refused(lambda: plot.main(["curves", str(tmp_path), "--out", str(tmp_path / "x.png")]), capsys)
+    assert "the train record of step 1 has loss" in line and "not a number" in line
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("samples, said", [
+    ('[{"kl": 1, "reward": 0.5}]', "not {model: [samples]}"),
+    ('{"dpo": [{"reward": 0.5}]}', "kl or reward is not a number"),
+    ('{"dpo": [{"kl": 1.0, "reward": "high"}]}', "kl or reward is not a number"),
+], ids=["samples_a_list", "no_kl", "string_reward"])
+def test_a_frontier_file_that_is_not_samples_is_one_line(tmp_path, capsys, samples, said):
+    (tmp_path / "results.json").write_text(f'{{"samples": {samples}}}')
+    line = refused(lambda: plot.main(["frontier", str(tmp_path / "results.json"), "--out", str(tmp_path / "x.png")]),
+                   capsys)
+    assert said in line and not (tmp_path / "x.png").exists()
 
 
 def test_an_out_that_cannot_be_written_is_one_line(tmp_path, capsys):

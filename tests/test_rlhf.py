@@ -3,13 +3,14 @@ zero gradient past the clip, the sign of the KL penalty, the reward model's ln 2
 held-out accuracy after training, PPO-GT raising the oracle reward, resume, and on-policy pairs dpo.py reads."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
 import dpo
 import rlhf
-from conftest import read_log
+from conftest import read_log, refused
 from experiments import onpolicy_pairs
 from machinery.models import load_checkpoint
 from model import GPTConfig
@@ -97,7 +98,67 @@ def test_ppo_against_the_reward_model_and_on_policy_pairs_that_dpo_trains_on(toy
     pairs = tmp_path / "pairs.jsonl"
     onpolicy_pairs.main(["--init", toy_models["sft"], "--num_prompts", "60", "--out", str(pairs)])
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
-    assert 20 <= len(rows) <= 60 and all(rlhf.toy_reward(r["chosen"]) > rlhf.toy_reward(r["rejected"]) for r in rows)
+    assert 20 <= len(rows) <= 60 and all(rlhf.toy_reward(r["prompt"], r["chosen"]) > rlhf.toy_reward(r["prompt"], r["rejected"]) for r in rows)
     dpo.main(["--demo", "--init", toy_models["sft"], "--data", str(pairs), "--max_iters", "1", "--eval_batches", "1",
               "--batch_size", "4", "--out_dir", str(tmp_path / "dpo")])
     assert load_checkpoint(tmp_path / "dpo" / "ckpt.pt")["iter"] == 1
+
+
+def ppo_flags(toy_models, reward_dir, out_dir, *extra):
+    return ["ppo", "--demo", "--init", toy_models["sft"], "--reward", str(reward_dir), "--batch_size", "8",
+            "--eval_prompts", "8", "--max_new_tokens", "16", "--out_dir", str(out_dir), *extra]
+
+
+@pytest.mark.parametrize("value_lr, max_iters", [("3e3", "10"), ("1e3", "6")])
+def test_a_diverging_value_model_is_never_saved(toy_models, reward_dir, tmp_path, capsys, value_lr, max_iters):
+    # the fault probe's two cases: a value model that turns NaN, and one whose values explode but stay finite
+    with pytest.raises(SystemExit) as stop:
+        rlhf.main(ppo_flags(toy_models, reward_dir, tmp_path, "--value_lr", value_lr, "--max_iters", max_iters,
+                            "--eval_interval", "1"))
+    line = str(stop.value.code)
+    assert "value" in line and "--value_lr" in line, line
+    if (tmp_path / "ckpt.pt").exists():  # whatever is on disk passed the value model's check too
+        saved = load_checkpoint(tmp_path / "ckpt.pt")
+        assert f"the last checkpoint, step {saved['iter']}" in line
+        assert all(torch.isfinite(t).all() for t in saved["extra"]["value"].values())
+        value_model = rlhf.Scalar(GPTConfig(**saved["config"]))
+        value_model.load_state_dict(saved["extra"]["value"])
+        ids = torch.randint(50257, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert value_model(ids).abs().max() < 1e3
+
+
+def test_ppo_resume_refuses_a_reward_model_retrained_in_place(toy_models, reward_dir, tmp_path, capsys):
+    reward = tmp_path / "reward"
+    shutil.copytree(reward_dir, reward)
+    rlhf.main(ppo_flags(toy_models, reward, tmp_path / "ppo", "--max_iters", "1", "--eval_interval", "0"))
+    rlhf.main(["reward", "--demo", "--init", toy_models["sft"], "--resume", "--max_iters", "14", "--eval_interval", "0",
+               "--eval_batches", "4", "--batch_size", "8", "--lr", "3e-3", "--warmup", "2", "--out_dir", str(reward)])
+    line = refused(lambda: rlhf.main(ppo_flags(toy_models, reward, tmp_path / "ppo", "--max_iters", "2",
+                                               "--eval_interval", "0", "--resume")), capsys)
+    assert f"the reward model {reward} was at step 12 when this run started, it is at step 14 now" in line
+
+
+def test_fp16_scales_each_loss_once_and_updates_the_scale_once_a_backward(toy_models, tmp_path):
+    # fp16 autocast with a GradScaler, as on a GPU without bf16 (T4, V100); the CPU's GradScaler stands in
+    rlhf.main(["reward", "--demo", "--init", toy_models["sft"], "--dtype", "float16", "--max_iters", "3",
+               "--eval_interval", "0", "--eval_batches", "1", "--batch_size", "8", "--out_dir", str(tmp_path / "reward")])
+    scaler = load_checkpoint(tmp_path / "reward" / "ckpt.pt")["scaler"]
+    assert scaler is not None and scaler["_growth_tracker"] + math.log2(65536 / scaler["scale"]) >= 1
+    rlhf.main(["ppo", "--demo", "--oracle", "--init", toy_models["sft"], "--dtype", "float16", "--batch_size", "8",
+               "--max_iters", "2", "--eval_interval", "0", "--eval_prompts", "8", "--max_new_tokens", "8",
+               "--out_dir", str(tmp_path / "ppo")])
+    scaler = load_checkpoint(tmp_path / "ppo" / "ckpt.pt")["scaler"]
+    backwards = 2 * 2 * 2  # iterations x PPO epochs x minibatches: one scaled backward each, two optimizers
+    assert scaler["_growth_tracker"] == backwards or scaler["scale"] < 65536  # one update a backward (unless it backed off)
+    record = read_log(tmp_path / "ppo", "train")[-1]
+    assert all(math.isfinite(record[k]) for k in ("loss", "value_loss"))
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_the_stages_and_exits_0(flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        rlhf.main([flag])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "reward" in out and "ppo" in out and "python rlhf.py STAGE --help" in out

@@ -320,6 +320,61 @@ def test_resume_refuses_other_training_data(tmp_path, capsys):
     assert "(57 pairs then, 76 now)" in line
 
 
+def test_resume_refuses_other_held_out_data(tmp_path, capsys):
+    # the test split decides what every evaluation and the health check see: an edited line is named
+    data_file, out_dir = tmp_path / "pairs.jsonl", tmp_path / "run"
+    pairs = toy_pairs("train")[:60]
+    data_file.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    sft_run(out_dir, str(data_file), "--lr_decay_iters", "4")
+    pairs[19] = {**pairs[19], "chosen": pairs[19]["chosen"] + " Really!"}  # every 20th pair is held out: this one
+    data_file.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    line = refused(lambda: sft_run(out_dir, str(data_file), "--resume", "--max_iters", "6", "--lr_decay_iters", "4"),
+                   capsys)
+    assert f"--data {data_file} no longer gives the held-out pairs this run started with (as many pairs, other " \
+           "tokens)" in line
+
+
+def test_a_full_disk_before_the_first_write_is_one_line_and_leaves_no_folder(pairs_file, tmp_path, capsys,
+                                                                            monkeypatch):
+    real_fdopen = os.fdopen
+
+    class FullDisk:  # the lock's file opens, but its few bytes do not fit
+        def __init__(self, descriptor, mode):
+            self.file = real_fdopen(descriptor, mode)
+
+        def __enter__(self):
+            return self
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr(run.os, "fdopen", FullDisk)
+    line = refused(lambda: sft_run(tmp_path / "new" / "run", pairs_file), capsys)
+    assert "cannot write to --out_dir" in line and "No space left on device" in line and "free some space" in line
+    assert not (tmp_path / "new").exists()  # the folders it made are gone again, the lock with them
+
+
+def test_a_second_signal_after_a_signal_stop_cannot_change_the_exit(capsys):
+    # the handlers stay until the process exits: a second SIGTERM after the save is reported, not fatal
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with StopSignals() as signals:
+            signals.catch()
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert signals.requested()
+        os.kill(os.getpid(), signal.SIGTERM)  # after the stop, while the process is on its way out
+        assert "SIGTERM: already stopping" in capsys.readouterr().out
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    with StopSignals():  # without a signal, the old handlers come back at the end
+        pass
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
 def test_resume_refuses_a_reference_retrained_in_place(pairs_file, tmp_path, capsys):
     reference, run = tmp_path / "sft", tmp_path / "dpo"
     sft_run(reference, pairs_file, "--lr_decay_iters", "8")

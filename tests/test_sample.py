@@ -28,7 +28,7 @@ def test_sample_ranks_dpo_over_sft_over_the_bad_model(toy_models, tmp_path):
         rows = record["samples"][label]
         assert [r["prompt"] for r in rows] == [r["prompt"] for r in record["samples"]["sft"]]
         assert len(rows) == 24
-        assert all(r["reward"] == toy_reward(r["completion"]) for r in rows)
+        assert all(r["reward"] == toy_reward(r["prompt"], r["completion"]) for r in rows)
         assert all("\n\nHuman:" not in r["completion"] for r in rows)
     markdown = (tmp_path / "small-demo.md").read_text()
     assert "| dpo-bad |" in markdown and "## Prompt 24" in markdown
@@ -104,4 +104,26 @@ def test_results_are_strict_json(toy_models, tmp_path):
     for line in (tmp_path / "one.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the JSONL"))
     assert strict({"a": [1.0, math.inf, {"b": math.nan}]}) == {"a": [1.0, None, {"b": None}]}
-    assert table({"m": {"kl": 0.5, "kl_se": math.nan}}) == "| model | kl |\n|---|---|\n| m | 0.500 |"
+    assert table({"m": {"kl": 0.5, "kl_se": math.nan}}) == "| model | KL from the reference (nats) |\n|---|---:|\n| m | 0.50 |"
+
+
+def test_the_table_has_the_readmes_layout():
+    summary = {"sft": {"mean_length": 20.5, "kl": 0.0, "kl_se": 0.0, "oracle_reward": 0.094, "oracle_reward_se": 0.096,
+                       "accuracy": 0.5}}
+    assert table(summary).splitlines() == [
+        "| model | oracle reward | KL from the reference (nats) | mean length (tokens) | held-out accuracy |",
+        "|---|---:|---:|---:|---:|", "| sft | 0.094 ± 0.096 | 0.00 | 20.5 | 0.500 |"]
+
+
+def test_a_full_disk_for_the_results_is_one_line_and_leaves_no_folder(toy_models, tmp_path, capsys, monkeypatch):
+    real_open = open
+
+    def full_disk(path, *args, **kwargs):
+        if str(path).endswith(".probe"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    line = refused(lambda: sample.main(["--model", toy_models["sft"], "--prompt", "hi", "--device", "cpu",
+                                        "--results_dir", str(tmp_path / "new")]), capsys)
+    assert "No space left on device" in line and not (tmp_path / "new").exists()
