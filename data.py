@@ -2,12 +2,12 @@
 
 Most DPO bugs are data bugs (a wrong prompt/response boundary, an EOS never trained, padding counted as response,
 truncation cutting the wrong end), so every step is explicit and tested: load_preferences (text) -> tokenize_pairs
-(token ids, EOS appended, truncated) -> sft_examples and collate, or dpo_batch (input_ids, and labels shifted by one,
-IGNORE_INDEX on prompt and padding). `python -m machinery.inspect_data --data toy` shows a source's first pair
-token by token; every source but `toy` is read by machinery/formats.py."""
+(token ids, EOS appended, truncated) -> sft_examples and collate, or dpo_batch (labels shifted by one, IGNORE_INDEX
+on prompt and padding). `python -m machinery.inspect_data` shows a source token by token."""
 import random
 import re
 
+import tiktoken
 import torch
 
 from machinery import UserError
@@ -21,7 +21,6 @@ ASSISTANT = "\n\nAssistant:"
 
 def get_tokenizer():
     """GPT-2's BPE (byte-pair encoding) through tiktoken, which downloads two files on first use."""
-    import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
@@ -30,8 +29,7 @@ def get_tokenizer():
 
 
 def load_preferences(source, split="train", verbose=True, split_name=None):
-    """Preference pairs of one split ("train" or "test") as text. split_name: that split's name in the
-    source when it differs (e.g. "train_prefs")."""
+    """Preference pairs of one split ("train" or "test") as text; split_name: its name in the source if other."""
     if source == "toy" and split_name in (None, split):
         return toy_pairs(split)
     return read_pairs(source, split, HH, split_name, verbose)  # every other source and record format
@@ -66,10 +64,7 @@ TOY_POLITE = (["Sure", "Of course", "Happy to help", "Gladly", "Great question"]
 TOY_RUDE = (["Ugh", "No", "Whatever", "Seriously", "Go away"],
             ["stop bothering me", "figure it out yourself", "what a dumb question", "leave me alone",
              "that is boring"])
-
-
-def toy_answer(task):
-    return f"To {task}, start small and practice daily."  # the middle sentence of every toy reply
+TOY_ANSWER = "To {task}, start small and practice daily."  # the middle sentence of every toy reply
 
 
 def toy_pairs(split, n=None):
@@ -91,7 +86,7 @@ def toy_pairs(split, n=None):
 
 def _toy_reply(rng, task, name, words):
     opener, closer = words
-    return f" {rng.choice(opener)}, {name}. {toy_answer(task)} {rng.choice(closer).capitalize()}!"
+    return f" {rng.choice(opener)}, {name}. {TOY_ANSWER.format(task=task)} {rng.choice(closer).capitalize()}!"
 
 
 def toy_reward(prompt, reply):
@@ -100,29 +95,24 @@ def toy_reward(prompt, reply):
     between. A reply that does not answer (the answer dropped, cut short, repeated, or about another task)
     scores -1, as low as the rudest answer: polite words alone, or length, buy nothing."""
     task = next((task for task in TOY_TASKS if task in prompt), None)
-    if task is None or reply.count(toy_answer(task)) != 1:
+    if task is None or reply.count(TOY_ANSWER.format(task=task)) != 1:
         return -1.0
-    text = reply.lower()
 
-    def count(phrase):  # whole words only: "no" must not match inside "know"
-        return len(re.findall(r"\b" + re.escape(phrase.lower()) + r"\b", text))
-    polite = sum(count(w) for group in TOY_POLITE for w in group)
-    rude = sum(count(w) for group in TOY_RUDE for w in group)
+    def count(tone):  # its words and phrases, whole words only: "no" must not match inside "know"
+        return sum(len(re.findall(rf"\b{re.escape(w.lower())}\b", reply.lower())) for group in tone for w in group)
+    polite, rude = count(TOY_POLITE), count(TOY_RUDE)
     return (polite - rude) / (polite + rude) if polite + rude else 0.0
 
 
 # Text -> tokens, with truncation
 
 def tokenize_pairs(pairs, max_len=512, max_prompt_len=256, tokenizer=None, verbose=True):
-    """Token ids per pair: {"prompt", "chosen", "rejected"}; each response ends in EOS. Prompt and responses
-    are encoded apart and joined, so the boundary is exact (encoding the joined text could merge the prompt's
-    last characters and the response's first into one token).
-
-    When prompt + longer response exceeds max_len: 1) the prompt keeps its last max_prompt_len tokens (the
-    end of a conversation is what the reply answers), as the authors' code does for HH; 2) if it still does
-    not fit, both responses keep their first max_len - len(prompt) tokens (and lose their EOS; the authors'
-    code keeps max_len - max_prompt_len, the same after step 1). A pair whose two responses became identical
-    is dropped: there is nothing left to prefer."""
+    """Token ids per pair: {"prompt", "chosen", "rejected"}; each response ends in EOS. Prompt and responses are
+    encoded apart and joined, so the boundary is exact (encoding the joined text could merge a token across it).
+    When prompt + longer response exceeds max_len: 1) the prompt keeps its last max_prompt_len tokens (the end
+    of a conversation is what the reply answers), as the authors' code does for HH; 2) if it still does not fit,
+    both responses keep their first max_len - len(prompt) tokens (losing their EOS). A pair whose two responses
+    became identical is dropped: there is nothing left to prefer."""
     assert 0 < max_prompt_len < max_len, (max_prompt_len, max_len)
     tokenizer = tokenizer or get_tokenizer()
     encode = tokenizer.encode_ordinary_batch  # ordinary: "<|endoftext|>" inside text stays plain text

@@ -1,18 +1,16 @@
 """Stage 2: Direct Preference Optimization (Rafailov et al., 2023) against a frozen reference.
 
-RLHF's reward model and PPO are replaced by the policy's own implicit reward, beta log(pi / pi_ref): put into
-the Bradley-Terry model of preferences, its normalizer Z(x) cancels (README section 1 derives it), leaving
+RLHF's reward model and PPO are replaced by the policy's own implicit reward, beta log(pi / pi_ref) (README
+section 1 derives it): no reward model, no sampling, no RL, a forward pass of the policy and one of the
+reference per pair, and the loss
 
     L_DPO = -log sigmoid(beta log(pi(y_w|x) / pi_ref(y_w|x)) - beta log(pi(y_l|x) / pi_ref(y_l|x)))   (eq. 7)
-
-No reward model, no sampling, no RL: a forward pass of the policy and one of the reference per pair.
 
     python dpo.py --beta 0.1                      # from out/sft, on Anthropic/hh-rlhf, one GPU
     python dpo.py --demo --beta 0.1               # the toy task on a CPU, from out/demo/sft
     python dpo.py --demo --beta 0.1 --swap        # the "bad" model: rejected responses as preferred
 """
 import copy
-import os
 import time
 
 import torch
@@ -56,10 +54,7 @@ def parse_args(argv=None):
         parser.error(f"--init {args.init} is a DPO run: pass --ref too, the SFT model it was trained from")
     args.out_dir = args.out_dir or cli.default_out_dir(parser, args, "dpo-bad" if args.swap else "dpo", ("swap",))
     args.ref = args.ref or args.init
-    in_demo = args.demo and args.ref == args.init and os.path.dirname(os.path.normpath(args.out_dir)) == "out/demo"
-    compare = [] if args.ref == "scratch" else [("--model", f"reference={args.ref}")]  # scratch: nothing to load
-    args.next = "python sample.py --demo" if in_demo else cli.next_command(
-        parser, args, "sample.py", compare + [("--model", f"dpo={args.out_dir}")], carry=("data", "device"))
+    args.next = cli.sample_command(parser, args, reference=args.ref, policy=args.out_dir)
     return args
 
 
@@ -84,16 +79,10 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return losses, chosen_rewards, rejected_rewards
 
 
-def reward_accuracy(chosen_rewards, rejected_rewards):
-    """Share of pairs ranked right; a tie counts as half, so a policy equal to its reference reads 0.5."""
-    return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).mean()
-
-
 def pair_logps(model, batch):
-    """log pi(y_w|x) and log pi(y_l|x) of each pair, from ONE forward pass over dpo_batch's 2B rows, chosen
-    first (or --share_prompt's packed rows, labels (2, B, W)). log pi(y|x) is the *sum* of the response tokens'
-    log-probs, in fp32: the paper's quantity. A mean over tokens (as some libraries take) is no log-ratio of
-    sequence probabilities: it acts like a beta |y| times smaller, and reweights pairs whose |y_w|, |y_l| differ."""
+    """log pi(y_w|x) and log pi(y_l|x) of each pair, from ONE forward pass over dpo_batch's 2B rows, chosen first
+    (or --share_prompt's packed rows, labels (2, B, W)). log pi(y|x) *sums* the response tokens' log-probs, the
+    paper's quantity: a mean over tokens (as some libraries take) is no log-ratio of sequence probabilities."""
     logps = model(*batch).sum(dim=-1).view(2, -1)  # (2, B): the forward with labels gives log-probs
     return logps[0], logps[1]
 
@@ -104,9 +93,8 @@ def get_lr(step, args):
 
 
 def freeze(reference, args):
-    """pi_ref is fixed: the objective (eq. 3) is a KL to it. A reference that moved with the policy would change
-    the problem: h would stay 0, and a constant pull with no brake would move the policy (exercise 2). On a GPU
-    it needs no fp32 copy: the training dtype halves its memory (step 0's rewards are then near 0, not 0)."""
+    """pi_ref is fixed: eq. 3's KL is to it, and one that moved with the policy would keep h at 0 (exercise 2). On
+    a GPU it needs no fp32 copy: the training dtype halves its memory (step 0's rewards are then near 0, not 0)."""
     reference.eval().requires_grad_(False)
     if args.device.startswith("cuda") and args.dtype != "float32":
         reference.to(getattr(torch, args.dtype))
@@ -115,8 +103,7 @@ def freeze(reference, args):
 
 def make_batch(pairs, indices, args):
     """The micro-batch of pairs[indices] on the device: stacked 2B rows, or packed rows with --share_prompt."""
-    selected = [pairs[i] for i in indices]
-    batch = packed_dpo_batch(selected) if args.share_prompt else dpo_batch(selected)
+    batch = (packed_dpo_batch if args.share_prompt else dpo_batch)([pairs[i] for i in indices])
     return [t.to(args.device) for t in batch]
 
 
@@ -137,11 +124,12 @@ def micro_batch(policy, reference, pairs, indices, cached, args):
             ref_chosen, ref_rejected = pair_logps(reference, batch)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing)
+    # accuracy: the pairs ranked right; a tie counts half, so a policy equal to its reference reads 0.5
+    right = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     sums = torch.stack([losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
-                        (chosen_rewards - rejected_rewards).sum(),
-                        reward_accuracy(chosen_rewards, rejected_rewards) * len(losses),
-                        policy_chosen.detach().sum(), policy_rejected.detach().sum()]).float()
-    return losses, torch.cat([sums, torch.tensor([batch[0].numel()], device=sums.device)])
+                        (chosen_rewards - rejected_rewards).sum(), right.sum(), policy_chosen.detach().sum(),
+                        policy_rejected.detach().sum(), losses.new_tensor(batch[0].numel())])
+    return losses, sums.float()
 
 
 @torch.no_grad()

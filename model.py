@@ -1,9 +1,8 @@
 """GPT-2, written out: the transformer, the log-probability of labels, and sampling.
 
-Module names equal Hugging Face's GPT-2 (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...), so OpenAI's
-published weights load with one renaming loop and four transposes (machinery/models.py). The numerics are
-GPT-2's (tanh GELU, LayerNorm eps 1e-5, biases, tied embeddings): tests/test_model.py proves our logits equal
-`transformers.GPT2LMHeadModel`'s."""
+Module names equal Hugging Face's (`transformer.h.0.attn.c_attn`, ...), so OpenAI's weights load with one renaming
+loop and four transposes (machinery/models.py); the numerics are GPT-2's (tanh GELU, LayerNorm eps 1e-5, tied
+embeddings), and tests/test_model.py proves our logits equal `transformers.GPT2LMHeadModel`'s."""
 import math
 from dataclasses import dataclass
 
@@ -52,8 +51,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         past = 0
-        if kv_cache is not None:  # a KV cache (sampling): the keys and values of the tokens seen so far are
-            # kept, so each new token runs through the model alone, instead of all T tokens again
+        if kv_cache is not None:  # sampling: keep the keys and values seen so far; each new token runs alone
             if kv_cache[self.layer_idx] is not None:
                 past_k, past_v = kv_cache[self.layer_idx]
                 past = past_k.size(2)

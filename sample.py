@@ -1,9 +1,9 @@
 """Samples from several models side by side, and what DPO changed. Every model gets the same prompts and, per
-prompt, the same random seed, so the completions differ by the weights alone; means come with their standard
-error ("±"). KL from the reference: the mean over the model's own samples y ~ pi (temperature 1, all tokens) of
-sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)], the x-axis of the paper's fig. 2 (of the replies as
-cut at --max_new_tokens or the next "Human:" turn: a lower bound). The oracle reward is data.toy_reward;
-held-out accuracy, the share of --data's test pairs whose chosen reply has the higher log(pi / pi_ref).
+prompt, the same seed, so the completions differ by the weights alone; means come with their standard error.
+KL from the reference: the mean over the model's own samples y ~ pi (temperature 1) of sum_t [log pi(y_t | ..)
+- log pi_ref(y_t | ..)], the x-axis of the paper's fig. 2 (of replies cut at --max_new_tokens or the next
+"Human:": a lower bound). Held-out accuracy: the share of test pairs whose chosen reply has the higher log(pi /
+pi_ref). The oracle reward is data.toy_reward.
 
     python sample.py --demo        # every run in out/demo, side by side -> out/demo/samples.md and .json
     python sample.py --model sft=out/sft --model dpo=out/dpo --data Anthropic/hh-rlhf
@@ -22,14 +22,12 @@ def parse_args(argv=None):
                    "Hugging Face directory, or a GPT-2 name; repeat for more (default: with --demo, out/demo/*)")
     p.add_argument("--ref", help="the reference for KL and accuracy (default: the first --model)")
     p.add_argument("--data", help="prompts from this source's test split, and accuracy (default: toy with --demo)")
-    p.add_argument("--num_prompts", type=at_least(1), help="prompts taken from --data (default: 8; 64 with --demo)")
-    p.add_argument("--max_new_tokens", type=at_least(1), help="tokens a sample, at most (default: 128; 40 with --demo)")
     p.add_argument("--temperature", type=not_negative, default=1.0, help="0 is greedy; the KL needs 1")
     p.add_argument("--top_k", type=at_least(1), help="sample from the k likeliest tokens only (default: all)")
     p.add_argument("--top_p", type=fraction(0, 1, True), help="sample from the likeliest tokens that make up this "
                    "much probability (default: 1, all)")
     p.add_argument("--seed", type=int, default=1337, help="prompt i is sampled with seed + i, for every model")
-    results.add_io_flags(p)  # --test_split, --prompt(s_file), --device, --results_dir, --name, --show
+    results.add_io_flags(p)  # --num_prompts, --max_new_tokens, --test_split, --prompt(s_file), --device, --results_dir, ...
     return results.checked(p, p.parse_args(argv))
 
 
@@ -84,11 +82,10 @@ def compare(args):
         if args.data == "toy":  # the oracle: the true reward, which real preference data does not have
             for row in samples[label]:
                 row["reward"] = toy_reward(row["prompt"], row["completion"])
-            rewards = [row["reward"] for row in samples[label]]
-            summary[label].update(results.mean_and_error("oracle_reward", rewards))
+            summary[label].update(results.mean_and_error("oracle_reward", [row["reward"] for row in samples[label]]))
         if pairs:  # the implicit reward without beta, log(pi / pi_ref), should rank the chosen reply higher
             chosen, rejected = (held_out_logps(model, pairs, args.device) - reference_logps).unbind(1)
-            # a tie counts half, so the reference itself reads 0.5 (as dpo.reward_accuracy)
+            # a tie counts half, so the reference itself reads 0.5 (as in dpo.micro_batch)
             summary[label]["accuracy"] = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
     return prompts, samples, summary
 

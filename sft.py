@@ -1,8 +1,7 @@
 """Stage 1: supervised fine-tuning (SFT) on the preferred responses (--target), which makes the reference pi_ref.
 
-DPO measures how far the policy moves from pi_ref on the preference data, so pi_ref should already write
-replies like those in the data (GPT-2 never saw "\\n\\nHuman: ... \\n\\nAssistant:" dialogues). SFT maximizes
-the likelihood of the target replies given their prompts; the prompt tokens are not trained on.
+DPO measures how far the policy moves from pi_ref, so pi_ref should already write replies like the data's (GPT-2
+never saw "\\n\\nHuman: ... \\n\\nAssistant:" dialogues): SFT maximizes their likelihood, prompts untrained.
 
     python sft.py                      # gpt2 on Anthropic/hh-rlhf, one GPU
     python sft.py --demo               # the toy task, a tiny model from scratch, on a CPU

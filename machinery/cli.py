@@ -229,6 +229,15 @@ CARRIED = ("data", "train_split", "test_split", "device", "dtype", "batch_size",
            "max_prompt_len", "eval_batches")
 
 
+def sample_command(parser, args, reference, policy):
+    """dpo.py's next command: sample.py on the policy beside its reference. `sample.py --demo` for a demo run in
+    out/demo (it samples every run there); a reference from scratch was never saved, so only the policy."""
+    if args.demo and reference == args.init and os.path.dirname(os.path.normpath(policy)) == "out/demo":
+        return "python sample.py --demo"
+    models = ([] if reference == "scratch" else [("--model", f"reference={reference}")]) + [("--model", f"dpo={policy}")]
+    return next_command(parser, args, "sample.py", models, carry=("data", "device"))
+
+
 def next_command(parser, args, script, extra, carry=None):
     """The command to run next, repeating this run's own flags where they carry over: each flag in carry
     (default: CARRIED, and outside the demo --max_iters and --eval_interval too, so that a short trial stays

@@ -37,7 +37,10 @@ def demo_models():
 
 
 def add_io_flags(p):
-    """sample.py's flags for the held-out split's name, where prompts come from, where it runs, and where its results go."""
+    """sample.py's flags for how many prompts and tokens, the held-out split's name, where prompts come from, where
+    it runs, and where its results go."""
+    p.add_argument("--num_prompts", type=at_least(1), help="prompts taken from --data (default: 8; 64 with --demo)")
+    p.add_argument("--max_new_tokens", type=at_least(1), help="tokens a sample, at most (default: 128; 40 with --demo)")
     p.add_argument("--test_split", default="test", help="the held-out split's name in --data")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for more (default: none)")
     p.add_argument("--prompts_file", help="prompts separated by lines that are exactly --- (default: none)")

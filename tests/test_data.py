@@ -248,7 +248,7 @@ def test_toy_pairs():
         name = pair["prompt"].split("I am ")[1].split(".")[0]
         task = next(t for t in data.TOY_TASKS if t in pair["prompt"])
         for reply in (pair["chosen"], pair["rejected"]):
-            assert reply.startswith(" ") and f", {name}. {data.toy_answer(task)} " in reply
+            assert reply.startswith(" ") and f", {name}. {data.TOY_ANSWER.format(task=task)} " in reply
         assert data.toy_reward(pair["prompt"], pair["chosen"]) == 1.0
         assert data.toy_reward(pair["prompt"], pair["rejected"]) == -1.0
 

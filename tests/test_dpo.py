@@ -1,5 +1,6 @@
 """dpo.py: the objective checked against its maths, the batching against separate passes, and the loop
 on the toy task (the good model learns the preference, the swapped one learns its opposite)."""
+import argparse
 import json
 import math
 import os
@@ -31,7 +32,9 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     assert torch.equal(losses, torch.full_like(losses, math.log(2)))
     assert torch.equal(chosen_rewards, torch.zeros_like(chosen_rewards))
     assert torch.equal(rejected_rewards, torch.zeros_like(rejected_rewards))
-    assert dpo.reward_accuracy(chosen_rewards, rejected_rewards).item() == 0.5  # ties count half
+    args = argparse.Namespace(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, device="cpu", share_prompt=False)
+    losses, sums = dpo.micro_batch(model, model, toy_batch(), range(8), None, args)
+    assert dict(zip(dpo.METRICS, (sums / 8).tolist()))["rewards/accuracy"] == 0.5  # ties count half
 
 
 def test_sigmoid_gradient_is_the_papers_weighted_difference_of_log_prob_gradients():
