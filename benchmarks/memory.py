@@ -69,11 +69,12 @@ def saved_activation_bytes(model, batch, autocast):
     return sum(size for pointer, size in storages.items() if pointer not in weights)
 
 
-def head_scratch_bytes(config, chunk_rows, matmul_bytes=2, chunked_head=True):
+def head_scratch_bytes(config, chunk_rows, matmul_bytes=2, chunked_head=True, reference=True):
     """(forward, backward): the most the output layer holds at once beyond its saved tensors. Plain
-    (GPT.label_logps, on chunk_rows = all labelled rows): forward, the reference's logits, their fp32 copy
-    under autocast and its log-softmax (the reference keeps none of them); backward, the gradient the label
-    lookup (gather) sends back and the one log-softmax's backward makes, both (rows, V) in fp32.
+    (GPT.label_logps, on chunk_rows = all labelled rows): forward, the last head to run's logits and their fp32
+    copy under autocast, and, when that is the reference's (which keeps nothing), its log-softmax too (the
+    policy's is a saved activation); backward, the gradient the label lookup (gather) sends back and the one
+    log-softmax's backward makes, both (rows, V) in fp32.
     Chunked (LabelLogProbs), for chunks of chunk_rows rows: forward, the fp32 logits and logsumexp's exp(logits - max), both (rows, V).
     Backward: the head's fp32 gradient accumulator (V, C), then either the fp32 chunk gradient and its
     matmul-precision copy, or that copy with the (V, C) weight-gradient product and its fp32 copy. Under
@@ -81,7 +82,7 @@ def head_scratch_bytes(config, chunk_rows, matmul_bytes=2, chunked_head=True):
     V, C = config.vocab_size, config.n_embd
     cast = matmul_bytes < 4
     if not chunked_head:
-        return chunk_rows * V * (matmul_bytes + 4 * cast + 4), 8 * chunk_rows * V
+        return chunk_rows * V * (matmul_bytes + 4 * cast + 4 * reference), 8 * chunk_rows * V
     w = matmul_bytes * V * C if cast else 0
     forward = w + 8 * chunk_rows * V
     backward = w + 4 * V * C + max(4 * chunk_rows * V + cast * matmul_bytes * chunk_rows * V,
@@ -103,7 +104,7 @@ def memory_terms(config, batch_pairs, seq_len, response_frac, reference=True, gr
     labelled = rows * round(seq_len * response_frac)
     chunk_rows = min(labelled, max(1, chunk_budget // (4 * V))) if chunked_head else labelled
     one_block = block_bytes_per_token(config, matmul_bytes) * tokens
-    head_forward, head_backward = head_scratch_bytes(config, chunk_rows, matmul_bytes, chunked_head)
+    head_forward, head_backward = head_scratch_bytes(config, chunk_rows, matmul_bytes, chunked_head, reference)
     terms = {
         "weights and AdamW moments": 4 * P + 8 * P,  # fp32 master weights, exp_avg, exp_avg_sq
         "reference": matmul_bytes * P if reference else 0,
