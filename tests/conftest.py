@@ -5,7 +5,6 @@ The whole suite runs in a scratch working directory where the demo has already b
 holds saved runs), as a user's clone would after the README's first command: a test that ran a script
 without its own --out_dir would hit those runs and fail. tiktoken needs GPT-2's vocabulary: from the
 network on first use, or offline from TIKTOKEN_CACHE_DIR."""
-import hashlib
 import os
 import subprocess
 import sys
@@ -25,13 +24,14 @@ GUARDED = ("out", "results")  # the repository's folders no test may write to
 
 
 def _tree(top):
-    """{relative path: sha256} of every file under ROOT/top (nothing if it does not exist)."""
+    """{relative path: (size, modification time in ns)} of every file under ROOT/top (nothing if it does not
+    exist): any write changes one or both, and reading a user's gigabytes of out/ to hash them would not."""
     found = {}
     for directory, _, files in os.walk(os.path.join(ROOT, top)):
         for name in files:
             path = os.path.join(directory, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, ROOT)] = hashlib.sha256(f.read()).hexdigest()
+            stat = os.stat(path)
+            found[os.path.relpath(path, ROOT)] = (stat.st_size, stat.st_mtime_ns)
     return found
 
 
