@@ -54,6 +54,20 @@ def main():
     with open(os.path.join(ROOT, "results", "demo-time.json"), "w") as f:
         json.dump(record, f, indent=1)
     print(f"the demo took {sum(seconds.values()):.0f} s; wrote results/demo.md, .json, .jsonl and demo-time.json")
+    one_thread()
+
+
+def one_thread():
+    """The whole demo again with one thread (OMP_NUM_THREADS=1), as another machine might run it: the same code,
+    summed in another order -> results/demo-threads.json."""
+    with tempfile.TemporaryDirectory() as scratch:
+        for script, *flags in COMMANDS.values():
+            subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=scratch, check=True,
+                           env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+        with open(os.path.join(scratch, "out", "demo", "samples.json")) as f:
+            record = json.load(f)
+    with open(os.path.join(ROOT, "results", "demo-threads.json"), "w") as f:
+        json.dump({"threads": 1, "summary": record["summary"], "machine": record["machine"]}, f, indent=1)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 
+import data
 import dpo
 import sample
 import sft
@@ -52,6 +53,12 @@ def one_seed(seed, sft_steps):
         return json.load(f)
 
 
+def answers(row):
+    """Whether a sample answers its request, as the oracle asks: its task's answer, exactly once."""
+    task = next(task for task in data.TOY_TASKS if task in row["prompt"])
+    return row["completion"].count(data.TOY_ANSWER.format(task=task)) == 1
+
+
 def slug(setting):
     """"lr 1e-4, 40 steps" -> "lr1e-4-40steps": a folder and a model label."""
     return setting.replace(", ", "-").replace(" ", "")
@@ -64,11 +71,14 @@ def main():
         for seed in SEEDS:
             record = one_seed(seed, sft_steps)
             summary, samples = record["summary"], record["samples"]
+            answered = {label: sum(map(answers, rows)) / len(rows) for label, rows in samples.items()}
             for setting in DPO_SETTINGS:
                 label = slug(setting)
                 gains = [b["reward"] - a["reward"] for a, b in zip(samples["sft"], samples[label])]
-                runs.append({"sft_steps": sft_steps, "dpo": setting, "seed": seed, "sft": summary["sft"],
-                             "dpo_model": summary[label], "bad": summary[label + "-bad"],
+                runs.append({"sft_steps": sft_steps, "dpo": setting, "seed": seed,
+                             "sft": {**summary["sft"], "answered": answered["sft"]},
+                             "dpo_model": {**summary[label], "answered": answered[label]},
+                             "bad": {**summary[label + "-bad"], "answered": answered[label + "-bad"]},
                              "gain": sum(gains) / len(gains)})
     record = {"seeds": SEEDS, "sft_steps": SFT_STEPS, "dpo_settings": DPO_SETTINGS, "prompts": PROMPTS, "beta": 0.1,
               "runs": runs, "machine": machine()}

@@ -1,6 +1,8 @@
 """Every table and number of README.md and docs/*.md that a run measured, made from results/*.json: true by
 construction. In the Markdown a table stands between `<!-- table NAME -->` and `<!-- /table -->`, and a
-number in a sentence between `<!-- number NAME -->` and `<!-- /number -->` (invisible once rendered).
+number between `<!-- number NAME -->` and `<!-- /number -->` (invisible once rendered). Only tables and numbers
+are made here; the sentences around them are written by hand, and tests/test_claims.py fails when the results
+stop supporting one.
 
     python -m experiments.tables --write    # rewrite them all from results/
     python -m experiments.tables --check    # exit 1, naming each one that differs (tests/test_tables.py runs it)
@@ -11,16 +13,17 @@ import math
 import os
 import re
 import sys
+from collections import defaultdict
 
 import data
 import dpo
 import sft
 from benchmarks.memory import CARDS_GIB, memory_table as rows_of
-from experiments.exercises import diff
-from machinery.results import mean_and_sem
+from experiments.exercises import EXERCISES, diff
+from machinery.results import COLUMNS, cell, mean_and_sem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCK = re.compile(r"(<!-- (table|number) ([\w.-]+) -->)(.*?)(<!-- /\2 -->)", re.S)
+BLOCK = re.compile(r"(<!-- (table|number) ([\w.:/-]+) -->)(.*?)(<!-- /\2 -->)", re.S)
 
 
 def load(name):
@@ -28,11 +31,16 @@ def load(name):
         return json.load(f)
 
 
-def pm(mean, error, digits=3):
+def pm(mean, error, digits=2):
     """mean ± error, the error left out where there is none (a single value)."""
     if error is None or not math.isfinite(error):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {error:.{digits}f}"
+
+
+def spread(values, digits=2):
+    """Across seeds: mean ± its standard error, and the range."""
+    return f"{pm(*mean_and_sem(values), digits)} ({min(values):.{digits}f} to {max(values):.{digits}f})"
 
 
 def markdown(header, rows, align=None):
@@ -42,18 +50,75 @@ def markdown(header, rows, align=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The demo: results/demo.json (python -m experiments.demo)
+# Section 1's worked pair: results/worked-example.json (python -m experiments.demo)
+
+def worked_table():
+    w = load("worked-example.json")
+    rows = [["log π(y_w|x), the chosen reply", f"{w['ref_chosen']:.3f}", f"{w['chosen']:.3f}"],
+            ["log π(y_l|x), the rejected reply", f"{w['ref_rejected']:.3f}", f"{w['rejected']:.3f}"],
+            ["h = [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)]", "0", f"{w['h']:.3f}"],
+            [f"β h (β = {w['beta']:g})", "0", f"{w['beta_h']:.4f}"],
+            ["loss −log σ(β h)", f"ln 2 = {math.log(2):.4f}", f"{w['loss']:.4f}"],
+            ["pull σ(−β h)", "0.5", f"{w['pull']:.4f}"]]
+    return markdown(["", "step 0: π = π_ref (the SFT model)", "after the demo's DPO (π)"], rows,
+                    ["---", "---:", "---:"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The demo: results/demo.json and demo-seeds.json (python -m experiments.demo, experiments.demo_seeds)
 
 def demo_table():
+    """The committed run, in sample.py's own layout."""
     record = load("demo.json")
     names = {"sft": "sft (the reference)", "dpo": "dpo", "dpo-bad": "dpo-bad (--swap)"}
+    rows = [[names.get(label, label)] + [cell(row, key, decimals) if key != "kl" or label != "sft" else "0"
+                                         for key, _, decimals in COLUMNS] for label, row in record["summary"].items()]
+    return markdown(["model"] + [title for _, title, _ in COLUMNS], rows)
+
+
+def demo_runs():
+    """The runs of demo-seeds.json at the demo's own settings (sft.py --demo, dpo.py --demo)."""
+    record = load("demo-seeds.json")
+    setting = f"lr {dpo.DEMO['lr']:.0e}".replace("e-0", "e-") + f", {dpo.DEMO['max_iters']} steps"
+    runs = [r for r in record["runs"] if r["sft_steps"] == sft.DEMO["max_iters"] and r["dpo"] == setting]
+    assert len(runs) == len(record["seeds"]), f"demo-seeds.json has no runs at the demo's settings ({setting})"
+    return runs
+
+
+def demo_seeds_table():
+    runs = demo_runs()
     rows = []
-    for label, summary in record["summary"].items():
-        rows.append([names.get(label, label), pm(summary["oracle_reward"], summary["oracle_reward_se"]),
-                     pm(summary["kl"], summary["kl_se"], 2) if label != "sft" else "0",
-                     f"{summary['mean_length']:.1f}", f"{summary['accuracy']:.3f}"])
-    return markdown(["model", "oracle reward", "KL from the reference (nats)", "mean length (tokens)",
-                     "held-out accuracy"], rows)
+    for name, key in (("sft (the reference)", "sft"), ("dpo", "dpo_model"), ("dpo-bad (--swap)", "bad")):
+        rows.append([name, spread([r[key]["oracle_reward"] for r in runs]),
+                     spread([r[key]["kl"] for r in runs]) if key != "sft" else "0",
+                     pm(*mean_and_sem([r[key]["mean_length"] for r in runs]), 1)])
+    return markdown(["model", "oracle reward", "KL from the reference (nats)", "mean length (tokens)"], rows)
+
+
+def demo_candidates_table():
+    record = load("demo-seeds.json")
+    groups = defaultdict(list)
+    for r in record["runs"]:
+        groups[(r["sft_steps"], r["dpo"])].append(r)
+    rows = []
+    for (steps, setting), runs in groups.items():
+        gains, kls = [r["gain"] for r in runs], [r["dpo_model"]["kl"] for r in runs]
+        chosen = steps == sft.DEMO["max_iters"] and runs == demo_runs()
+        name = f"**{steps}, {setting} (the demo)**" if chosen else f"{steps}, {setting}"
+        answered = [r["dpo_model"].get("answered", math.nan) for r in runs]
+        rows.append([name, spread(gains), f"{sum(g > 0 for g in gains)} of {len(gains)}", f"{max(kls):.2f}",
+                     pm(*mean_and_sem([r["dpo_model"]["mean_length"] for r in runs]), 1),
+                     f"{sum(answered) / len(answered):.0%}"])
+    return markdown(["SFT steps, DPO setting", "DPO's gain in oracle reward", "seeds it gained in",
+                     "largest KL (nats)", "DPO's mean length", "DPO answered"], rows)
+
+
+def demo_answered(steps, model):
+    """The share of replies that answer, over the seeds and every DPO setting from SFT of `steps` steps."""
+    record = load("demo-seeds.json")
+    key = {"sft": "sft", "dpo": "dpo_model"}[model]
+    values = [r[key]["answered"] for r in record["runs"] if r["sft_steps"] == int(steps)]
+    return f"{sum(values) / len(values):.0%}"
 
 
 def demo_gain():
@@ -61,17 +126,28 @@ def demo_gain():
     return pm(*mean_and_sem([b["reward"] - a["reward"] for a, b in zip(samples["sft"], samples["dpo"])]))
 
 
-def demo_seconds(stage=None):
-    timing = load("demo-time.json")
-    return f"{timing['seconds'][stage] if stage else sum(timing['seconds'].values()):.0f}"
+def demo_seeds_gain():
+    return spread([r["gain"] for r in demo_runs()])
 
+
+def demo_threads(key):
+    """The committed DPO row again, from the same demo run with one thread: its reward or its KL."""
+    row = load("demo-threads.json")["summary"]["dpo"]
+    return pm(row["oracle_reward"], row["oracle_reward_se"]) if key == "reward" else f"{row['kl']:.2f}"
+
+
+def demo_seconds():
+    return f"{sum(load('demo-time.json')['seconds'].values()):.0f}"
+
+
+def demo_knob(key):
+    knob = load("demo-knob.json")["summary"]["dpo-beta5.0"]
+    return {"reward": pm(knob["oracle_reward"], knob["oracle_reward_se"]), "kl": f"{knob['kl']:.2f}"}[key]
 
 
 def demo_pairs_seen():
-    pairs = len(data.toy_pairs("train"))
     steps, batch = dpo.DEMO["max_iters"], dpo.DEMO["batch_size"] * dpo.DEMO["grad_accum"]
-    assert steps * batch < pairs, "the demo's DPO now sees every pair: rewrite the --precompute_ref sentence"
-    return f"whose {steps} steps of {batch} pairs see {steps * batch:,} of the {pairs:,} training pairs"
+    return f"{steps * batch:,} of the {len(data.toy_pairs('train')):,}"
 
 
 def suite_summary():
@@ -79,27 +155,15 @@ def suite_summary():
         return "(not measured yet: `python -m experiments.suite` times it)"
     suite = load("suite.json")
     counts = ", ".join(f"{n} {word}" for word, n in suite["counts"].items())
-    return (f"Its last full run here: {counts} in {suite['seconds']:.0f} s on {suite['cpus']} CPU cores "
-            f"({suite['date']}, `python -m experiments.suite`).")
-
-
-def demo_bad_accuracy():
-    accuracy = load("demo.json")["summary"]["dpo-bad"]["accuracy"]
-    assert accuracy < 0.5
-    return f"{accuracy:.3f} (0.5 is chance)"
-
-
-def demo_beta5():
-    knob = load("demo-knob.json")
-    summary = knob["summary"]
-    dpo, beta5 = summary["dpo"], summary["dpo-beta5.0"]
-    return (f"Here `{knob['command']}` gave an oracle reward of {pm(beta5['oracle_reward'], beta5['oracle_reward_se'], 2)} "
-            f"at a KL of {beta5['kl']:.2f} nats, against {pm(dpo['oracle_reward'], dpo['oracle_reward_se'], 2)} at "
-            f"{dpo['kl']:.2f} for β 0.1: a large β holds the policy close to the reference.")
+    where = suite["machine"] if isinstance(suite.get("machine"), dict) else suite  # older files: at the top
+    return f"{counts} in {suite['seconds']:.0f} s on {where['cpus']} CPU cores ({where['date']})"
 
 
 # ----------------------------------------------------------------------------------------------------
 # SFT length: results/sft-length.json (python -m experiments.sft_length)
+
+SFT_KEYS = ("sft_test_loss", "sft_reward", "dpo_reward", "gain", "kl", "dpo_margin", "sft_length", "dpo_length")
+
 
 def sft_length_rows():
     """{steps: {key: (mean over seeds, its standard error)}}, lengths in order."""
@@ -107,180 +171,118 @@ def sft_length_rows():
     rows = {}
     for steps in record["lengths"]:
         runs = [r for r in record["runs"] if r["sft_steps"] == steps]
-        rows[steps] = {key: mean_and_sem([r[key] for r in runs]) for key in
-                       ("sft_test_loss", "sft_reward", "dpo_reward", "gain", "kl", "dpo_margin")}
+        rows[steps] = {key: mean_and_sem([r[key] for r in runs]) for key in SFT_KEYS}
         rows[steps]["seeds"] = len(runs)
     return rows
 
 
-def demo_sft_steps():
-    steps, rows = sft.DEMO["max_iters"], sft_length_rows()
-    assert rows[steps]["sft_test_loss"][0] > 1.05 * load("sft-length.json")["floor"]["nats"], "the demo reaches the floor"
-    return str(steps)
-
-
 def sft_length_table():
-    rows = [[steps, r["seeds"], pm(*r["sft_test_loss"]), pm(*r["sft_reward"], 2), pm(*r["dpo_reward"], 2),
-             f"**{pm(*r['gain'], 2)}**", pm(*r["kl"], 2), pm(*r["dpo_margin"], 2)]
+    rows = [[steps, r["seeds"], pm(*r["sft_test_loss"], 3), pm(*r["sft_reward"]), pm(*r["dpo_reward"]),
+             f"**{pm(*r['gain'])}**", pm(*r["kl"]), pm(*r["sft_length"], 1), pm(*r["dpo_length"], 1)]
             for steps, r in sft_length_rows().items()]
     return markdown(["SFT steps", "seeds", "SFT held-out loss", "SFT reward", "DPO reward", "gain (DPO − SFT)",
-                     "DPO's KL (nats)", "DPO's held-out margin β h"], rows) + \
-        "\n\nEach cell: the mean over the seeds ± its standard error (seed to seed)."
+                     "DPO's KL (nats)", "SFT length", "DPO length"], rows)
 
 
-def sft_length_finding():
-    record, rows = load("sft-length.json"), sft_length_rows()
-    best = max(rows, key=lambda steps: rows[steps]["gain"][0])
-    longest, shortest = max(rows), min(rows)
-    floor = record["floor"]
-    # the sentence's words, checked against the numbers: a rerun that changes them fails here, not silently
-    assert shortest < best < longest, "the best SFT length is no longer in the middle: rewrite the finding"
-    assert rows[best]["sft_test_loss"][0] < 1.05 * floor["nats"], "the best length is not at the floor: rewrite"
-    assert rows[longest]["gain"][0] + rows[longest]["gain"][1] < rows[best]["gain"][0] - rows[best]["gain"][1]
-    assert rows[longest]["kl"][0] < rows[best]["kl"][0] and rows[shortest]["gain"][0] < rows[best]["gain"][0]
-    return (f"DPO gained most after {best} SFT steps ({pm(*rows[best]['gain'], 2)}), where SFT's held-out loss "
-            f"reached the data's floor ({rows[best]['sft_test_loss'][0]:.3f}, against ln {floor['choices']} / "
-            f"{floor['tokens']:.1f} = {floor['nats']:.3f} nats a token: a toy reply is one of {floor['choices']} equally "
-            f"likely tone, opening and closing choices). Training past the floor lowered the loss no further but left "
-            f"DPO less to do: after {longest} steps it gained {pm(*rows[longest]['gain'], 2)}, its KL fell to "
-            f"{rows[longest]['kl'][0]:.2f} nats and its held-out margin to {rows[longest]['dpo_margin'][0]:.2f}, in the "
-            f"same {record['dpo']['max_iters']} DPO steps. Stopping short hurt too: after {shortest} steps the gain was "
-            f"{pm(*rows[shortest]['gain'], 2)}, at a KL of {rows[shortest]['kl'][0]:.1f} nats. So train SFT until its "
-            f"held-out loss flattens, and no longer. DPO's budget was fixed here; a longer DPO run might win back some "
-            f"of the gain, which we did not measure.")
+def sft_length_number(steps, key, digits=2):
+    mean, error = sft_length_rows()[int(steps)][key]
+    return f"{mean:.{int(digits)}f}" if key in ("kl", "sft_test_loss", "sft_reward") else pm(mean, error, int(digits))
+
+
+def sft_floor():
+    floor = load("sft-length.json")["floor"]
+    return f"ln {floor['choices']} / {floor['tokens']:.1f} = {floor['nats']:.3f}"
 
 
 # ----------------------------------------------------------------------------------------------------
 # Beta: results/beta-frontier.json (python -m experiments.beta_frontier)
 
+def beta_cell(record, label):
+    """Across the seeds: reward mean ± SE, KL mean, length mean."""
+    points = record["points"][label]
+    return (mean_and_sem([p["reward"] for p in points]), mean_and_sem([p["kl"] for p in points]),
+            mean_and_sem([p["length"] for p in points]))
+
+
+def family_name(family):
+    return family.replace("beta", "β ").replace("-lr", ", lr ")
+
+
 def beta_table():
     record = load("beta-frontier.json")
-    summary = record["summary"]
     rows = []
     for family in record["families"]:
         cells = []
         for step in record["steps"]:
-            s = summary[f"{family}@{step}"]
-            cells.append(f"{pm(s['oracle_reward'], s['oracle_reward_se'], 2)} ({s['kl']:.2f})")
-        rows.append([family.replace("beta", "β ").replace("-lr", ", lr "), *cells])
-    sft = summary["sft"]
+            reward, kl, length = beta_cell(record, f"{family}@{step}")
+            cells.append(f"{pm(*reward)} ({kl[0]:.2f}; {length[0]:.1f})")
+        rows.append([family_name(family), *cells])
+    reward, _, length = beta_cell(record, "sft")
     return markdown(["run"] + [f"step {step}" for step in record["steps"]], rows) + \
-        f"\n\nEach cell: oracle reward ± one standard error over the 200 prompts (its KL in nats). The SFT " \
-        f"model itself: {pm(sft['oracle_reward'], sft['oracle_reward_se'], 2)}."
+        f"\n\nEach cell: oracle reward, the mean over {len(record['seeds'])} seeds ± its standard error across them " \
+        f"(then the mean KL in nats; the mean reply length in tokens), {record['prompts']} held-out prompts each. " \
+        f"The SFT models themselves: {pm(*reward)} ({length[0]:.1f} tokens)."
 
 
-def beta_points(record, family):
-    return [(step, record["summary"][f"{family}@{step}"]) for step in record["steps"]]
-
-
-def beta_finding():
+def beta_number(family, step, key):
     record = load("beta-frontier.json")
-    families = [f for f in record["families"] if "-lr" not in f]  # the demo's lr
-    name = {f: f"β {f[4:]}" for f in families}
-    points = {f: beta_points(record, f) for f in families}
-    peak = {f: max(points[f], key=lambda p: p[1]["oracle_reward"]) for f in families}
-    final = {f: points[f][-1][1] for f in families}
-    fell = [f for f in families if final[f]["oracle_reward"] < peak[f][1]["oracle_reward"] - 2 * final[f]["oracle_reward_se"]
-            and final[f]["kl"] > peak[f][1]["kl"]]
-    best = max(families, key=lambda f: peak[f][1]["oracle_reward"])
-    tight = families[-1]
-    last = record["steps"][-1]
-    pulls = {f: 1 / (1 + math.exp(record["curves"][f][-1]["rewards/margin"])) for f in families}  # sigma(-beta h)
-    assert fell and tight not in fell and final[tight]["kl"] < min(final[f]["kl"] for f in families[:-1])
-    fell_text = " and ".join(name[f] for f in fell)
-    fell_kls = ", ".join(f"{final[f]['kl']:.1f}" for f in fell)
-    return (f"{fell_text} peaked and then fell back: by step {last} their reward had dropped "
-            f"({', '.join(pm(final[f]['oracle_reward'], final[f]['oracle_reward_se'], 2) for f in fell)}) while their KL "
-            f"kept climbing ({fell_kls} nats). {name[best]} climbed "
-            f"highest, to {pm(peak[best][1]['oracle_reward'], peak[best][1]['oracle_reward_se'], 2)} at a KL of "
-            f"{peak[best][1]['kl']:.1f}. {name[tight]} held the policy within {final[tight]['kl']:.2f} nats, and its "
-            f"reward stopped at {final[tight]['oracle_reward']:.2f}: a large β is a short leash. By step {last} "
-            f"the pull σ(−βh) at the held-out pairs' mean margin was {pulls[families[0]]:.2f} at {name[families[0]]} and "
-            f"{pulls[tight]:.2f} at {name[tight]}: with a large β each nat of h counts more, so the pull fades "
-            f"after a shorter way.")
+    reward, kl, length = beta_cell(record, "sft" if family == "sft" else f"{family}@{step}")
+    return {"reward": pm(*reward), "kl": f"{kl[0]:.2f}", "length": f"{length[0]:.1f}"}[key]
 
 
-def curves_finding():
+def curve_values(family, key, step, split="test"):
+    """A metric of each seed's run of a family at a step: [value per seed]."""
     record = load("beta-frontier.json")
-    fast, slow = record["curves"]["beta0.1"], record["curves"]["beta0.1-lr2e-5"]
-    top = max(fast, key=lambda r: r["logps/chosen"])
-    first_perfect = next(r["iter"] for r in fast if r["rewards/accuracy"] == 1.0)
-    assert fast[0]["logps/chosen"] < top["logps/chosen"] and fast[-1]["logps/chosen"] < fast[0]["logps/chosen"]
-    assert fast[-1]["logps/rejected"] < fast[-1]["logps/chosen"] - 10
-    peak_step = max(beta_points(record, "beta0.1"), key=lambda p: p[1]["oracle_reward"])[0]
-    assert peak_step < record["steps"][-1]
-    return (f"In this run (one seed), at the demo's lr, the held-out loss falls from ln 2 to {fast[-1]['loss']:.2f}, and accuracy is 1.00 from "
-            f"step {first_perfect} on. `logps/chosen` first rises, to {top['logps/chosen']:.1f} at step {top['iter']}, "
-            f"then falls to {fast[-1]['logps/chosen']:.1f} ({fast[-1]['logps/chosen'] - fast[0]['logps/chosen']:+.1f} "
-            f"nats from the reference's), while `logps/rejected` plunges to {fast[-1]['logps/rejected']:.1f}: from "
-            f"then on the margin grows partly by taking probability from both replies, and section 7 shows the "
-            f"reward falling back after step {peak_step}. At a fifth of the lr every curve moves slowly (`rewards/margin` "
-            f"{slow[-1]['rewards/margin']:.2f} at step {slow[-1]['iter']}, against {fast[-1]['rewards/margin']:.2f}).")
+    return [next(r[key] for r in records if r["iter"] == step and r["split"] == split)
+            for records in record["curves"][family].values()]
+
+
+def curve_number(family, key, step, split="test", digits=2):
+    return pm(*mean_and_sem(curve_values(family, key, int(step), split)), int(digits))
+
+
+def pull_number(family, step):
+    """σ(−β h) at the held-out pairs' mean margin β h (rewards/margin), over the seeds."""
+    return pm(*mean_and_sem([1 / (1 + math.exp(m)) for m in curve_values(family, "rewards/margin", int(step))]))
 
 
 # ----------------------------------------------------------------------------------------------------
 # The exercises: results/exercises.json (python -m experiments.exercises)
-
-def exercise_diff(name):
-    return "```diff\n" + diff(name) + "\n```"
-
 
 def exercise_diffs():
     """Every exercise's edit, numbered, in one diff block."""
     return "```diff\n" + "\n".join(f"{i}. {diff(name)}" for i, name in enumerate(EXERCISES, 1)) + "\n```"
 
 
-def exercise_number(name):
-    r = load("exercises.json")[name]
-    if name == "mean":
-        s, m = r["sum"], r["mean"]
-        assert m["margin"] < s["margin"] / 5 and abs(m["reward"] - s["reward"]) < 0.1
-        return (f"The held-out margin β h after the demo's run is {m['margin']:.3f} with the mean, against "
-                f"{s['margin']:.3f} with the sum, {s['margin'] / m['margin']:.0f} times smaller: divided by the reply's "
-                f"length, so the same β is a constraint that many times weaker, and pairs whose replies differ in "
-                f"length are weighed differently. The policy itself is much the same (oracle reward {m['reward']:.2f} "
-                f"against {s['reward']:.2f}, KL {m['kl']:.2f} against {s['kl']:.2f}): AdamW's steps do not depend on "
-                f"the gradient's overall scale, and the toy replies are nearly all one length.")
-    if name == "moving-reference":
-        assert max(r["losses"]) - min(r["losses"]) < 1e-6 and r["kl"] > 0.5
-        return (f"The held-out loss reads {r['losses'][0]:.4f} = ln 2 at every evaluation: h ≡ 0. Yet the policy "
-                f"moves, {r['kl']:.2f} nats (oracle reward {r['reward']:.2f}): the reference's log-probs are "
-                f"computed without gradient, so the gradient is the pull at h = 0, σ(0) = ½, on every pair, and it "
-                f"never fades. The loss curve says nothing is learned while the brake that β provides is gone.")
-    if name == "no-prompt-mask":
-        assert abs(r["dpo_loss"] - r["dpo_loss_masked"]) < 1e-5 and r["prompt_nll"] < r["prompt_nll_masked"] / 5
-        return (f"DPO does not notice: its held-out loss is {r['dpo_loss']:.7f}, against {r['dpo_loss_masked']:.7f} "
-                f"with the mask (the prompt cancels in h; the difference is rounding). SFT does: the model gives "
-                f"the held-out prompts {r['prompt_nll']:.2f} nats a token, against {r['prompt_nll_masked']:.1f} with "
-                f"the mask. It has learned to write the user's side of the dialogue.")
-    if name == "no-eos":
-        assert r["length"] > 0.9 * r["max_new_tokens"]
-        return (f"The SFT model's samples are {r['length']:.1f} tokens long on average, against "
-                f"{r['length_with_eos']:.1f} with EOS: they run to the {r['max_new_tokens']}-token limit.")
-    if name == "per-micro-batch-mean":
-        one, micro, wrong = r["one batch"], r["4 micro-batches"], r["4 micro-batches (broken)"]
-        assert abs(one - micro) < 1e-5 < abs(wrong - one)
-        return (f"The first step's gradient norm: {one:.6f} for one batch of 32, {micro:.6f} for 4 micro-batches "
-                f"of 8 (the same, to rounding), and {wrong:.6f} with each micro-batch's own mean, {abs(wrong - one) / one:.2%} "
-                f"off. Small here, because the toy replies are nearly all the same length; the more lengths differ, "
-                f"the more a token of a short micro-batch outweighs one of a long one.")
-    if name == "high-lr":
-        drop = r["logps_chosen"][0] - min(r["logps_chosen"])
-        assert drop > 5
-        return (f"At lr {r['lr']:g}, held-out `logps/chosen` falls from {r['logps_chosen'][0]:.1f} to "
-                f"{min(r['logps_chosen']):.1f} nats, past the 5 nats at which `dpo.py` warns; the policy moves "
-                f"{r['kl']:.0f} nats from the reference, and its oracle reward is {r['reward']:.2f}, against "
-                f"{load('exercises.json')['mean']['sum']['reward']:.2f} at the demo's lr.")
-    raise KeyError(name)
+def exercise_number(key, spec=".3g"):
+    """A number of exercises.json: key a path of fields joined by "/", spec its format (".3g", ".7f")."""
+    value = load("exercises.json")
+    for part in key.split("/"):
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    return format(value, spec)
+
+
+def accumulation_error(data_name):
+    """Exercise 5: how far each micro-batch's own mean moves the first step's gradient norm, in percent."""
+    norms = load("exercises.json")["per-micro-batch-mean"]
+    right, wrong = norms[f"{data_name}: one batch"], norms[f"{data_name}: 4 micro-batches (broken)"]
+    return f"{abs(wrong - right) / right:.2%}"
+
+
+def margin_ratio():
+    """Exercise 1: the summed margin over the averaged one."""
+    runs = load("exercises.json")["mean"]
+    return f"{runs['sum']['margin'] / runs['mean']['margin']:.0f}"
 
 
 # ----------------------------------------------------------------------------------------------------
-# docs/gpu.md and docs/performance.md
+# docs: the memory table and performance (benchmarks/)
 
 def memory_table():
     by_model = {}
     for row in rows_of():
         by_model.setdefault(row["model"], {})[row["mode"]] = row
+    chunked = {row["model"]: row for row in rows_of(chunked_head=True) if row["mode"] == "reference live"}
     sizes = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1.56B"}
     rows = []
     for name, modes in by_model.items():
@@ -288,10 +290,11 @@ def memory_table():
         fits = ", ".join(f"{card} GB" for card in CARDS_GIB if card in live["fits"]) or "none"
         checkpointed = modes["--grad_checkpoint"]
         rows.append([f"{name} ({sizes[name]})", f"{live['peak_gib']:.1f} GiB", f"{modes['--precompute_ref']['peak_gib']:.1f} GiB",
-                     f"{checkpointed['peak_gib']:.1f} GiB", fits,
+                     f"{checkpointed['peak_gib']:.1f} GiB", f"{chunked[name]['peak_gib']:.1f} GiB", fits,
                      ", ".join(f"{card} GB" for card in CARDS_GIB if card in checkpointed["fits"]) or "none"])
-    return markdown(["model", "reference live", "`--precompute_ref`", "`--grad_checkpoint`", "fits (reference live)",
-                     "fits with `--grad_checkpoint`"], rows, ["---", "---:", "---:", "---:", "---", "---"])
+    return markdown(["model", "reference live", "`--precompute_ref`", "`--grad_checkpoint`", "`--chunked_head`",
+                     "fits (reference live)", "fits with `--grad_checkpoint`"], rows,
+                    ["---", "---:", "---:", "---:", "---:", "---", "---"])
 
 
 def performance_trl():
@@ -304,6 +307,18 @@ def performance_trl():
             f"\n\n`{trl['command']}`, {trl['date']}; {trl['versions']}; {trl['load']}.")
 
 
+def performance_heads():
+    """The plain head against --chunked_head: time and peak memory on the TRL workload, and GPT-2's computed peak."""
+    trl = {name: (seconds, mib) for name, seconds, mib in load("performance.json")["trl"]["rows"]}
+    plain, chunked = trl["nanoDPO `dpo.py --optimizer adamw`"], trl["nanoDPO `dpo.py --optimizer adamw --chunked_head`"]
+    peaks = {head: {row["model"]: row["peak_gib"] for row in rows_of(chunked_head=head) if row["mode"] == "reference live"}
+             for head in (False, True)}
+    rows = [[name, f"{seconds:.3f} s", f"{mib:,} MiB"] + [f"{peaks[head][model]:.1f} GiB" for model in ("gpt2", "gpt2-medium")]
+            for name, (seconds, mib), head in (("plain (the default)", plain, False), ("`--chunked_head`", chunked, True))]
+    return markdown(["output layer", "TRL workload: seconds per step", "its peak RSS", "gpt2, 8 × 512: computed peak",
+                     "gpt2-medium"], rows)
+
+
 def performance_bench():
     bench = load("performance.json")["bench"]
     rows = [[step, f"{ms:,}", f"{tokens:,}", f"{tflops:.2f}", f"{mfu:.1%}", f"{mb:,} MB"]
@@ -313,10 +328,10 @@ def performance_bench():
 
 
 def performance_memory_check():
-    rows = [[precision, checkpointing, fused, reference, f"{measured:.1f}", f"{computed:.1f}", f"{measured / computed:.3f}"]
-            for precision, checkpointing, fused, reference, measured, computed in load("performance.json")["memory_check"]["rows"]]
-    return markdown(["precision", "`--grad_checkpoint`", "fused AdamW", "reference", "measured MiB", "computed MiB",
-                     "ratio"], rows, ["---", "---", "---", "---", "---:", "---:", "---:"])
+    rows = [[*labels, f"{measured:.1f}", f"{computed:.1f}", f"{measured / computed:.3f}"]
+            for *labels, measured, computed in load("performance.json")["memory_check"]["rows"]]
+    return markdown(["precision", "`--grad_checkpoint`", "fused AdamW", "reference", "head", "measured MiB",
+                     "computed MiB", "ratio"], rows, ["---", "---", "---", "---", "---", "---:", "---:", "---:"])
 
 
 def performance_torchrun():
@@ -329,34 +344,40 @@ def performance_torchrun():
 # What DPO replaced: results/frontier.json (python -m experiments.frontier)
 
 METHOD_ORDER = ("DPO, offline pairs", "DPO, on-policy pairs", "PPO", "PPO-GT", "Preferred-FT", "Best-of-N")
+BUDGETS = (1, 3, 10)
 
 
 def frontier_points(record, method):
-    """(kl, kl_se, reward, reward_se) of every point of a method: each run's checkpoints, or best-of-N's N."""
+    """(kl, kl_se, reward, reward_se, length) of every point of a method: its runs' checkpoints, or best-of-N's N."""
     if method == "Best-of-N":
-        return [tuple(v[:4]) for k, v in record["points"].items() if k.startswith("N=")]
-    return [tuple(v[:4]) for k, v in record["points"].items() if k.split(" @ ")[0] in record["runs"][method]]
+        return [tuple(v[:5]) for k, v in record["points"].items() if k.startswith("N=")]
+    return [tuple(v[:5]) for k, v in record["points"].items() if k.split(" @ ")[0] in record["runs"][method]]
+
+
+def best_within(record, method, limit):
+    """The point of a method with the highest reward at KL <= limit, or None."""
+    within = [p for p in frontier_points(record, method) if p[0] <= limit]
+    return max(within, key=lambda p: p[2]) if within else None
 
 
 def frontier_best():
     record = load("frontier.json")
     rows = []
     for method in METHOD_ORDER:
-        points = frontier_points(record, method)
         cells = []
-        for limit in (1, 3, 10):
-            within = [p for p in points if p[0] <= limit]
-            best = max(within, key=lambda p: p[2]) if within else None
-            cells.append(pm(best[2], best[3], 2) + f" (KL {best[0]:.1f})" if best else "none")
+        for limit in BUDGETS:
+            best = best_within(record, method, limit)
+            cells.append(f"{pm(best[2], best[3])} (KL {best[0]:.1f}; {best[4]:.1f})" if best else "none")
         rows.append([method] + cells)
     sft = record["points"]["sft"]
-    return markdown(["method", "KL ≤ 1 nat", "KL ≤ 3 nats", "KL ≤ 10 nats"], rows) + \
-        f"\n\nThe SFT model itself: {pm(sft[2], sft[3], 2)}."
+    return markdown(["method"] + [f"KL ≤ {limit} nat{'s' if limit > 1 else ''}" for limit in BUDGETS], rows) + \
+        f"\n\nEach cell: oracle reward ± one standard error over the {record['prompts']} prompts (the checkpoint's KL " \
+        f"in nats; its mean reply length in tokens). The SFT model itself: {pm(sft[2], sft[3])} ({sft[4]:.1f} tokens)."
 
 
 def run_path(record, label):
-    """[(step, kl, reward, reward_se)] of one run, in step order."""
-    return sorted((int(k.rsplit(" @ ", 1)[1]), v[0], v[2], v[3]) for k, v in record["points"].items()
+    """[(step, kl, reward, reward_se, length)] of one run, in step order."""
+    return sorted((int(k.rsplit(" @ ", 1)[1]), v[0], v[2], v[3], v[4]) for k, v in record["points"].items()
                   if k.startswith(label + " @ "))
 
 
@@ -368,9 +389,16 @@ def collapsed(path):
     return final[2] < best[2] - 2 * final[3] and final[1] > best[1]
 
 
-def frontier_stability_and_cost():
-    """Per method: its best setting; the final reward over the seeds and their range; runs diverged or
-    collapsed; tokens through the model and wall-clock per run (its own first stage included)."""
+def best_setting_runs(record, method):
+    """The labels of a method's runs at its best setting (its three seeds)."""
+    runs = record["runs"][method]
+    best = runs[record["best"][method]]
+    return [label for label, run in runs.items() if run["lr"] == best["lr"] and run["setting"] == best["setting"]]
+
+
+def frontier_cost():
+    """Per method: its best setting; the final reward and length over the seeds; runs diverged or collapsed;
+    tokens through the model and wall-clock per run (its own first stage included)."""
     record = load("frontier.json")
     tokens, wall = record["tokens"], record["wall_s"]
     shared = {"PPO": ["reward model"], "DPO, on-policy pairs": ["on-policy pairs"]}  # each method's own first stage
@@ -378,8 +406,7 @@ def frontier_stability_and_cost():
     for method in METHOD_ORDER[:-1]:
         runs = record["runs"][method]
         best = runs[record["best"][method]]
-        same = [label for label, run in runs.items() if run["lr"] == best["lr"] and run["setting"] == best["setting"]]
-        finals = [run_path(record, label)[-1][2] for label in same if run_path(record, label)] or [math.nan]
+        finals = [run_path(record, label)[-1] for label in best_setting_runs(record, method) if run_path(record, label)]
         setting = f"lr {best['lr']:g}" + (f", {'β' if method.startswith('DPO') else 'KL coef'} {best['setting']:g}"
                                          if best["setting"] is not None else "")
         diverged = sum(run["diverged"] for run in runs.values())
@@ -388,119 +415,84 @@ def frontier_stability_and_cost():
         forward = sum(tokens.get(p, [0, 0])[0] for p in parts) / len(runs)
         backward = sum(tokens.get(p, [0, 0])[1] for p in parts) / len(runs)
         seconds = sum(wall.get(p, 0.0) for p in parts) / len(runs)
-        rows.append([method, setting, f"{pm(*mean_and_sem(finals), 2)} ({len(finals)})",
-                     f"{min(finals):.2f} to {max(finals):.2f}", f"{diverged}, {fell} of {len(runs)}",
+        rows.append([method, setting, f"{spread([f[2] for f in finals])} ({len(finals)})",
+                     pm(*mean_and_sem([f[4] for f in finals]), 1), f"{diverged}, {fell} of {len(runs)}",
                      f"{forward / 1e6:.2f}M / {backward / 1e6:.2f}M", f"{seconds:.0f} s"])
-    n_tokens = tokens.get("Best-of-N", [0, 0])  # sampling only, at every N at once (its time is not kept)
-    rows.append(["Best-of-N", f"N up to {max(int(k[2:]) for k in record['points'] if k.startswith('N='))}", "", "",
-                 "", f"{n_tokens[0] / 1e6:.2f}M / 0", ""])
-    return markdown(["method", "best setting", "final reward (seeds)", "range", "runs diverged, collapsed",
+    return markdown(["method", "best setting", "final reward (range) (seeds)", "final length", "runs diverged, collapsed",
                      "tokens a run: forward / backward", "wall-clock a run"], rows,
                     ["---", "---", "---:", "---:", "---:", "---:", "---:"])
 
 
-def best_within(record, method, limit):
-    """The point of a method with the highest reward at KL <= limit: (kl, kl_se, reward, reward_se), or None."""
-    within = [p for p in frontier_points(record, method) if p[0] <= limit]
-    return max(within, key=lambda p: p[2]) if within else None
+def frontier_number(method, limit, key):
+    point = best_within(load("frontier.json"), method, float(limit))
+    return {"reward": pm(point[2], point[3]), "kl": f"{point[0]:.1f}", "length": f"{point[4]:.1f}"}[key]
 
 
-def frontier_finding():
-    """What the frontier shows, in words made from its numbers: DPO against PPO and PPO-GT within each KL
-    budget, on-policy against offline pairs, the seeds' spread, and the compute."""
+def frontier_final(method, key):
     record = load("frontier.json")
-    dpo_methods = ("DPO, offline pairs", "DPO, on-policy pairs")
-    sentences, trailed = [], False
-    for limit in (1, 3, 10):
-        dpo = max(((best_within(record, m, limit), m) for m in dpo_methods if best_within(record, m, limit)),
-                  key=lambda t: t[0][2], default=None)
-        gt, ppo = best_within(record, "PPO-GT", limit), best_within(record, "PPO", limit)
-        if dpo is None or gt is None:
-            continue
-        point, which = dpo
-        gap = point[2] - gt[2]
-        noise = 2 * math.hypot(point[3], gt[3])
-        verdict = "beat" if gap > noise else "trailed" if gap < -noise else "tied with"
-        text = (f"Within {limit} nat{'s' if limit > 1 else ''} of KL the best DPO ({which.split(', ')[1]}) reached "
-                f"{pm(point[2], point[3], 2)} and {verdict} PPO-GT ({pm(gt[2], gt[3], 2)})")
-        if ppo:
-            text += f"; PPO on its learned reward reached {pm(ppo[2], ppo[3], 2)}"
-        sentences.append(text + ".")
-        if verdict == "trailed" and not trailed:
-            trailed = True
-            sentences.append("PPO-GT is trained on the true reward of its own samples, with a KL price it pays "
-                             "token by token, while DPO sees only the labels of fixed pairs; we think that is "
-                             "why it gets further for the same KL here.")
-    offline, onpolicy = (best_within(record, m, 10) for m in dpo_methods)
-    near = [best_within(record, m, 1) for m in dpo_methods]
-    if offline and onpolicy and all(near):
-        gap = onpolicy[2] - offline[2]
-        noise = 2 * math.hypot(onpolicy[3], offline[3])
-        word = "above" if gap > noise else "below" if gap < -noise else "level with"
-        gap1, noise1 = near[1][2] - near[0][2], 2 * math.hypot(near[1][3], near[0][3])
-        word1 = "above" if gap1 > noise1 else "below" if gap1 < -noise1 else "level with"
-        sentences.append(f"DPO on π_SFT's own samples, labelled by the oracle, ended {word} DPO on the toy task's "
-                         f"fixed pairs (best within 10 nats: {onpolicy[2]:.2f} against {offline[2]:.2f}); within 1 nat "
-                         f"it was {word1} them ({near[1][2]:.2f} against {near[0][2]:.2f}).")
-    ft, bon = best_within(record, "Preferred-FT", 10), best_within(record, "Best-of-N", 10)
-    bon_n = next(k for k, v in record["points"].items() if k.startswith("N=") and tuple(v[:4]) == bon)
-    sentences.append(f"Preferred-FT, plain SFT on the chosen replies, reached {pm(ft[2], ft[3], 2)} at a KL of "
-                     f"{ft[0]:.1f}: on this task the chosen replies are simply the polite ones, so imitating them "
-                     f"is enough. Best-of-N needed no training at all: {bon_n} reached {pm(bon[2], bon[3], 2)} "
-                     f"(KL at most {bon[0]:.1f}), paid for with {bon_n[2:]} samples a prompt at every use.")
-    spreads, fell, diverged = {}, [], 0
-    for method in ("DPO, offline pairs", "DPO, on-policy pairs", "PPO", "PPO-GT"):
-        runs = record["runs"][method]
-        best = runs[record["best"][method]]
-        same = [label for label, run in runs.items() if run["lr"] == best["lr"] and run["setting"] == best["setting"]]
-        finals = [run_path(record, label)[-1][2] for label in same if run_path(record, label)]
-        spreads[method] = max(finals) - min(finals)
-        diverged += sum(run["diverged"] for run in runs.values())
-        n_fell = sum(collapsed(run_path(record, label)) for label in runs if len(run_path(record, label)) > 1)
-        fell += [f"{n_fell} of {len(runs)} {method} runs"] if n_fell else []
-    sentences.append(f"Stability: across three seeds at the best setting the final reward spread over " +
-                     ", ".join(f"{spreads[m]:.2f} ({m})" for m in spreads) + "; " +
-                     (f"{diverged} runs diverged" if diverged else "no run diverged") + ", and " +
-                     (" and ".join(fell) + " collapsed" if fell else "none collapsed") + ".")
-    beta = load("beta-frontier.json")
-    top = max((v for k, v in beta["summary"].items() if k != "sft"), key=lambda v: v["oracle_reward"])
-    top_name = max((k for k in beta["summary"] if k != "sft"), key=lambda k: beta["summary"][k]["oracle_reward"])
-    sentences.append(f"Every method had {record['steps'][-1]} steps here, short for DPO: section 7's runs, with "
-                     f"{beta['steps'][-1]}, got offline DPO to {pm(top['oracle_reward'], top['oracle_reward_se'], 2)} "
-                     f"({top_name.replace('beta', 'β ').replace('@', ' at step ')}, KL {top['kl']:.1f}).")
+    finals = [run_path(record, label)[-1] for label in best_setting_runs(record, method)]
+    return spread([f[{"reward": 2, "length": 4, "kl": 1}[key]] for f in finals], 1 if key == "length" else 2)
+
+
+def frontier_ratio(kind):
+    """A PPO run (with its share of the reward model) against an offline DPO run: tokens or wall-clock."""
+    record = load("frontier.json")
     tokens, wall = record["tokens"], record["wall_s"]
+
     def per_run(method, parts):
         n = len(record["runs"][method])
-        return (sum(tokens.get(p, [0, 0])[0] for p in parts) / n, sum(wall.get(p, 0.0) for p in parts) / n)
-    dpo_cost = per_run("DPO, offline pairs", ["DPO, offline pairs"])
-    ppo_cost = per_run("PPO", ["PPO", "reward model"])
-    sentences.append(f"A PPO run (with its share of the reward model) put {ppo_cost[0] / dpo_cost[0]:.1f}x the tokens "
-                     f"through the model of an offline DPO run and took {ppo_cost[1] / dpo_cost[1]:.1f}x its wall-clock.")
-    return " ".join(sentences)
+        return sum(tokens.get(p, [0, 0])[0] for p in parts) / n, sum(wall.get(p, 0.0) for p in parts) / n
+    dpo_cost, ppo_cost = per_run("DPO, offline pairs", ["DPO, offline pairs"]), per_run("PPO", ["PPO", "reward model"])
+    return f"{(ppo_cost[0] / dpo_cost[0]) if kind == 'tokens' else (ppo_cost[1] / dpo_cost[1]):.1f}"
 
 
-def frontier_lines():
-    lines = load("frontier.json")["lines"]
-    return f"{lines['DPO']} lines (dpo.py: the loss, the log-probs of a pair, the micro-batch) against {lines['RLHF']} " \
-           "(rlhf.py: the reward model, its loss and loop, rollouts, rewards with the KL penalty, GAE, the clipped " \
-           "objective, the value loss, the PPO loop)"
+TABLES = {"worked": worked_table, "demo": demo_table, "demo-seeds": demo_seeds_table,
+          "demo-candidates": demo_candidates_table, "sft-length": sft_length_table, "beta": beta_table,
+          "exercises": exercise_diffs, "memory": memory_table, "performance.trl": performance_trl,
+          "performance.heads": performance_heads, "performance.bench": performance_bench, "performance.memory-check": performance_memory_check,
+          "performance.torchrun": performance_torchrun, "frontier.best": frontier_best, "frontier.cost": frontier_cost}
+NUMBERS = {"demo.gain": demo_gain, "demo.seeds-gain": demo_seeds_gain, "demo.seconds": demo_seconds,
+           "demo.pairs-seen": demo_pairs_seen, "demo.sft-steps": lambda: str(sft.DEMO["max_iters"]),
+           "demo.lr": lambda: f"{dpo.DEMO['lr']:g}", "demo.seeds": lambda: str(len(load("demo-seeds.json")["seeds"])),
+           "suite.summary": suite_summary, "sft-length.floor": sft_floor,
+           "frontier.minutes": lambda: f"{load('frontier.json')['total_s'] / 60:.0f}",
+           "frontier.tokens-ratio": lambda: frontier_ratio("tokens"),
+           "frontier.wall-ratio": lambda: frontier_ratio("wall"),
+           "frontier.lines-dpo": lambda: str(load("frontier.json")["lines"]["DPO"]),
+           "frontier.lines-rlhf": lambda: str(load("frontier.json")["lines"]["RLHF"]), "exercise.margin-ratio": margin_ratio}
 
 
-EXERCISES = ("mean", "moving-reference", "no-prompt-mask", "no-eos", "per-micro-batch-mean")
-TABLES = {"demo": demo_table, "sft-length": sft_length_table, "beta": beta_table,
-          **{f"exercise.{name}": (lambda name=name: exercise_diff(name)) for name in EXERCISES}, "exercises": exercise_diffs,
-          "memory": memory_table, "performance.trl": performance_trl,
-          "performance.bench": performance_bench, "performance.memory-check": performance_memory_check,
-          "performance.torchrun": performance_torchrun, "frontier.best": frontier_best,
-          "frontier.cost": frontier_stability_and_cost}
-NUMBERS = {"demo.gain": demo_gain, "demo.seconds": demo_seconds, "demo.beta5": demo_beta5, "demo.pairs-seen": demo_pairs_seen,
-           "demo.bad-accuracy": demo_bad_accuracy,
-           "demo.sft-steps": demo_sft_steps, "suite.summary": suite_summary,
-           "sft-length.finding": sft_length_finding, "beta.finding": beta_finding, "curves.finding": curves_finding,
-           **{f"exercise.{name}": (lambda name=name: exercise_number(name)) for name in EXERCISES + ("high-lr",)},
-           "performance.note": lambda: load("performance.json")["note"], "frontier.lines": frontier_lines,
-           "frontier.finding": frontier_finding,
-           "frontier.minutes": lambda: f"{load('frontier.json')['total_s'] / 60:.0f}"}
+def worked_number(key):
+    w = load("worked-example.json")
+    values = {"rise": w["chosen"] - w["ref_chosen"], "fall": w["rejected"] - w["ref_rejected"], "h": w["h"],
+              "beta-h": w["beta_h"], "loss": w["loss"], "pull": w["pull"], "steps": dpo.DEMO["max_iters"]}
+    return f"{values[key]:+.3f}" if key in ("rise", "fall") else f"{values[key]:.3g}"
+
+
+def allocator_number(mode, key):
+    """benchmarks/allocator.py's median step time (ms) or peak resident memory (peak_mb), mode default or kept."""
+    return f"{load('performance.json')['allocator'][mode][key]:.0f}"
+
+
+METHODS = {"dpo-offline": "DPO, offline pairs", "dpo-onpolicy": "DPO, on-policy pairs", "ppo": "PPO", "ppo-gt": "PPO-GT",
+           "preferred-ft": "Preferred-FT", "best-of-n": "Best-of-N"}
+
+
+def number(name):
+    """A number named NAME, or one of the families, their parts joined by ':': demo-knob:KEY,
+    sft-length:STEPS:KEY, beta:FAMILY:STEP:KEY, curve:FAMILY:KEY:STEP[:SPLIT:DIGITS], pull:FAMILY:STEP,
+    exercise:KEY[:SPEC] (KEY a path of fields joined by '/'), allocator:MODE:KEY, accumulation:DATA, frontier:METHOD:LIMIT:KEY,
+    frontier-final:METHOD:KEY (METHOD a key of METHODS)."""
+    if name in NUMBERS:
+        return NUMBERS[name]()
+    kind, *parts = name.split(":")
+    makers = {"worked": worked_number, "demo-knob": demo_knob, "demo-threads": demo_threads, "demo-answered": demo_answered, "sft-length": sft_length_number, "beta": beta_number, "pull": pull_number,
+              "curve": curve_number, "exercise": exercise_number, "allocator": allocator_number, "accumulation": accumulation_error,
+              "frontier": lambda method, limit, key: frontier_number(METHODS[method], limit, key),
+              "frontier-final": lambda method, key: frontier_final(METHODS[method], key)}
+    if kind not in makers:
+        raise KeyError(name)
+    return makers[kind](*parts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -514,10 +506,10 @@ def render(text, path="text"):
     """text with every table and number made afresh; raises KeyError naming an unknown one."""
     def replace(match):
         opening, kind, name, _, closing = match.groups()
-        makers = TABLES if kind == "table" else NUMBERS
-        if name not in makers:
-            raise KeyError(f"{path}: no {kind} named {name!r} in experiments/tables.py")
-        made = makers[name]()
+        try:
+            made = TABLES[name]() if kind == "table" else number(name)
+        except KeyError:
+            raise KeyError(f"{path}: no {kind} named {name!r} in experiments/tables.py") from None
         return f"{opening}\n{made}\n{closing}" if kind == "table" else f"{opening}{made}{closing}"
     return BLOCK.sub(replace, text)
 
@@ -542,7 +534,7 @@ def main(argv=None):
         try:
             made = {path: render(text, path) for path, text in texts.items()}
         except FileNotFoundError as error:
-            sys.exit(f"{os.path.relpath(error.filename, ROOT)} is missing: results/README.md names the script "
+            sys.exit(f"{os.path.relpath(error.filename, ROOT)} is missing: results/README.md names the module "
                      "that makes it; nothing was written")
         for path, text in made.items():
             if text != texts[path]:
