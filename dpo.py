@@ -177,7 +177,7 @@ def train(args, run):
     # --resume: the checkpoint; the health check scores held-out replies DPO raises before every save (docs/runs.md)
     learned = sft_examples(test_pairs[:args.batch_size], "rejected" if args.swap else "chosen")
     start = run.resume(policy, optimizer, collate(learned))
-    for model in (policy, reference) if args.compile else ():
+    for model in filter(None, (policy, reference)) if args.compile else ():  # (no reference once precomputed)
         model.compile()  # in place: the state_dict keys stay those of the plain model
     ddp_policy = DDP(policy) if compute.world_size > 1 else policy  # torchrun: DDP averages gradients across processes
     evaluate_now = lambda: evaluate(policy, reference, test_pairs, test_cache, args, compute)  # noqa: E731

@@ -130,6 +130,17 @@ def test_precomputed_reference_gives_the_same_losses_as_the_live_one(tmp_path):
     assert runs["live"][-1]["loss"] < runs["live"][0]["loss"]  # the steps did change the policy
 
 
+def test_compile_with_a_precomputed_reference_compiles_the_policy_alone(tmp_path, monkeypatch):
+    compiled = []  # GPT.compile recorded, not run: a CPU compile would take a minute; test_cuda.py runs it
+    monkeypatch.setattr(GPT, "compile", lambda self: compiled.append(self))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(pair) + "\n" for pair in toy_pairs("train")[:24]))
+    dpo.main(["--demo", "--init", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--max_iters", "1",
+              "--batch_size", "2", "--eval_interval", "0", "--eval_batches", "1", "--precompute_ref", "--compile",
+              "--data", str(data), "--out_dir", str(tmp_path / "run")])
+    assert len(compiled) == 1 and read_log(tmp_path / "run", "train")[0]["iter"] == 1
+
+
 def test_step_zero_eval_in_the_script_reads_ln2_and_logs_every_metric(toy_models):
     first_eval = read_log(toy_models["dpo"], "test")[0]
     assert first_eval["iter"] == 0
