@@ -360,21 +360,6 @@ def best_within(record, method, limit):
     return max(within, key=lambda p: p[2]) if within else None
 
 
-def frontier_best():
-    record = load("frontier.json")
-    rows = []
-    for method in METHOD_ORDER:
-        cells = []
-        for limit in BUDGETS:
-            best = best_within(record, method, limit)
-            cells.append(f"{pm(best[2], best[3])} (KL {best[0]:.1f}; {best[4]:.1f})" if best else "none")
-        rows.append([method] + cells)
-    sft = record["points"]["sft"]
-    return markdown(["method"] + [f"KL ≤ {limit} nat{'s' if limit > 1 else ''}" for limit in BUDGETS], rows) + \
-        f"\n\nEach cell: oracle reward ± one standard error over the {record['prompts']} prompts (the checkpoint's KL " \
-        f"in nats; its mean reply length in tokens). The SFT model itself: {pm(sft[2], sft[3])} ({sft[4]:.1f} tokens)."
-
-
 def run_path(record, label):
     """[(step, kl, reward, reward_se, length)] of one run, in step order."""
     return sorted((int(k.rsplit(" @ ", 1)[1]), v[0], v[2], v[3], v[4]) for k, v in record["points"].items()
@@ -394,6 +379,41 @@ def best_setting_runs(record, method):
     runs = record["runs"][method]
     best = runs[record["best"][method]]
     return [label for label, run in runs.items() if run["lr"] == best["lr"] and run["setting"] == best["setting"]]
+
+
+def seed_bests(record, method, limit):
+    """At a method's best setting, each seed's best checkpoint within KL <= limit: [(step, kl, reward, se,
+    length) or None]."""
+    bests = []
+    for label in best_setting_runs(record, method):
+        within = [p for p in run_path(record, label) if p[1] <= limit]
+        bests.append(max(within, key=lambda p: p[2]) if within else None)
+    return bests
+
+
+def frontier_best():
+    """Per method and KL budget: its seeds' best checkpoints at its best setting, mean ± standard error across
+    the seeds and their range (best-of-N, which trains nothing, has one value: ± over the prompts)."""
+    record = load("frontier.json")
+    rows = []
+    for method in METHOD_ORDER:
+        cells = []
+        for limit in BUDGETS:
+            if method == "Best-of-N":
+                best = best_within(record, method, limit)
+                cells.append(f"{pm(best[2], best[3])} (KL {best[0]:.1f}; {best[4]:.1f})")
+                continue
+            found = [p for p in seed_bests(record, method, limit) if p is not None]
+            seeds = len(best_setting_runs(record, method))
+            cells.append("none" if not found else f"{spread([p[2] for p in found])} (KL "
+                         f"{sum(p[1] for p in found) / len(found):.1f}; {sum(p[4] for p in found) / len(found):.1f})"
+                         + (f", {len(found)} of {seeds} seeds" if len(found) < seeds else ""))
+        rows.append([method] + cells)
+    sft = record["points"]["sft"]
+    return markdown(["method"] + [f"KL ≤ {limit} nat{'s' if limit > 1 else ''}" for limit in BUDGETS], rows) + \
+        f"\n\nEach cell: oracle reward, mean ± standard error across the seeds (their range) (mean KL in nats; mean " \
+        f"reply length in tokens), on {record['prompts']} held-out prompts. The SFT model itself: " \
+        f"{pm(sft[2], sft[3])} ({sft[4]:.1f} tokens)."
 
 
 def frontier_cost():
@@ -426,6 +446,11 @@ def frontier_cost():
 def frontier_number(method, limit, key):
     point = best_within(load("frontier.json"), method, float(limit))
     return {"reward": pm(point[2], point[3]), "kl": f"{point[0]:.1f}", "length": f"{point[4]:.1f}"}[key]
+
+
+def frontier_seeds(method, limit):
+    record = load("frontier.json")
+    return spread([p[2] for p in seed_bests(record, METHODS[method], float(limit)) if p is not None])
 
 
 def frontier_final(method, key):
@@ -482,14 +507,14 @@ def number(name):
     """A number named NAME, or one of the families, their parts joined by ':': demo-knob:KEY,
     sft-length:STEPS:KEY, beta:FAMILY:STEP:KEY, curve:FAMILY:KEY:STEP[:SPLIT:DIGITS], pull:FAMILY:STEP,
     exercise:KEY[:SPEC] (KEY a path of fields joined by '/'), allocator:MODE:KEY, accumulation:DATA, frontier:METHOD:LIMIT:KEY,
-    frontier-final:METHOD:KEY (METHOD a key of METHODS)."""
+    frontier-final:METHOD:KEY, frontier-seeds:METHOD:LIMIT (METHOD a key of METHODS)."""
     if name in NUMBERS:
         return NUMBERS[name]()
     kind, *parts = name.split(":")
     makers = {"worked": worked_number, "demo-knob": demo_knob, "demo-threads": demo_threads, "demo-answered": demo_answered, "sft-length": sft_length_number, "beta": beta_number, "pull": pull_number,
               "curve": curve_number, "exercise": exercise_number, "allocator": allocator_number, "accumulation": accumulation_error,
               "frontier": lambda method, limit, key: frontier_number(METHODS[method], limit, key),
-              "frontier-final": lambda method, key: frontier_final(METHODS[method], key)}
+              "frontier-final": lambda method, key: frontier_final(METHODS[method], key), "frontier-seeds": frontier_seeds}
     if kind not in makers:
         raise KeyError(name)
     return makers[kind](*parts)
