@@ -145,7 +145,7 @@ class GPT(nn.Module):
         """The transformer without its head: the final LayerNorm's output at every position, (B, T, C)."""
         B, T = idx.size()
         past = 0 if kv_cache is None or kv_cache[0] is None else kv_cache[0][0].size(2)
-        if positions is None:  # lengths are checked where the data is made: a check here would cost a GPU sync
+        if positions is None:  # given positions are checked where the data is made (here, a GPU sync)
             assert past + T <= self.config.block_size, f"{past + T} positions, block_size {self.config.block_size}"
             positions = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)

@@ -151,7 +151,8 @@ def training_parser(doc, defaults, demo):
     p.add_argument("--lr", type=positive, help="peak learning rate")
     p.add_argument("--warmup", type=at_least(0), help="optimizer steps of linear warmup")
     p.add_argument("--max_iters", type=at_least(1), help="optimizer steps in the whole run (a resumed run included)")
-    p.add_argument("--weight_decay", type=not_negative, default=0.0, help="AdamW's decoupled weight decay, on matrices")
+    p.add_argument("--weight_decay", type=not_negative, default=0.0,
+                   help="weight decay on matrices: decoupled under AdamW, an L2 term under RMSprop")
     p.add_argument("--grad_clip", type=not_negative, default=1.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--eval_interval", type=at_least(0), help="evaluate and save every N steps (0: only at the end)")
     p.add_argument("--eval_batches", type=at_least(1), default=20, help="micro-batches of the test split per eval")

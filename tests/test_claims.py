@@ -92,6 +92,31 @@ def test_from_500_steps_only_the_small_steps_gained_in_every_seed_near_the_refer
     assert dpo.DEMO["lr"] == 5e-5 and dpo.DEMO["max_iters"] == 40 and demo_setting == "lr 5e-5, 40 steps"
 
 
+def test_every_demo_sample_scored_plus_or_minus_one():
+    samples = tables.load("demo.json")["samples"]
+    assert set(samples) == {"sft", "dpo", "dpo-bad"} and all(len(v) == 64 for v in samples.values())
+    assert {s["reward"] for v in samples.values() for s in v} == {-1.0, 1.0}  # "scored +1 or −1"
+
+
+def test_the_committed_demo_drew_low_rewards_but_a_typical_gain():
+    summary, runs = tables.load("demo.json")["summary"], tables.demo_runs()
+    for label, key in (("sft", "sft"), ("dpo", "dpo_model")):  # "below those ranges"
+        assert summary[label]["oracle_reward"] < min(r[key]["oracle_reward"] for r in runs), label
+    samples = tables.load("demo.json")["samples"]
+    gain = mean_and_sem([b["reward"] - a["reward"] for a, b in zip(samples["sft"], samples["dpo"])])
+    seed_gains = [r["gain"] for r in runs]
+    assert min(seed_gains) <= gain[0] <= max(seed_gains)  # "yet it gained as much as they did"
+    assert not differ(*gain, *mean_and_sem(seed_gains))
+
+
+def test_the_same_sft_recipe_scored_higher_on_the_demos_64_prompts_than_on_all_200():
+    assert tables.load("demo-seeds.json")["prompts"] == 64 and tables.load("beta-frontier.json")["prompts"] == 200
+    on_64 = {r["seed"]: r["sft"]["oracle_reward"] for r in tables.demo_runs()}
+    on_200 = {r["seed"]: r["sft_reward"] for r in tables.load("sft-length.json")["runs"]
+              if r["sft_steps"] == sft.DEMO["max_iters"]}
+    assert sorted(on_200) == [1, 2, 3] and all(on_64[seed] > on_200[seed] for seed in on_200)
+
+
 def test_beta_5_in_the_demo_is_the_same_as_beta_0_1_within_the_errors():
     summary = tables.load("demo-knob.json")["summary"]
     knob, demo = summary["dpo-beta5.0"], summary["dpo"]
@@ -113,7 +138,14 @@ def test_dpo_gained_most_where_sft_reached_its_floor_and_less_past_it():
     sft_rewards = [rows[steps]["sft_reward"][0] for steps in [500] + longer]
     assert max(sft_rewards) - min(sft_rewards) < 0.1  # "SFT's own reward stayed level"
     assert rows[1000]["kl"][0] < rows[500]["kl"][0] / 2  # "moved the policy less"
-    assert differ(*rows[500]["gain"], *rows[1000]["gain"]) and rows[1000]["gain"][0] < rows[500]["gain"][0]
+    assert rows[1000]["gain"][0] < rows[500]["gain"][0]  # "gained no more"
+    # "with each seed's own sampling noise on top, the gain does not tell 500, 700 and 1,000 apart"
+    runs = tables.load("sft-length.json")["runs"]
+    def gain(steps):
+        mine = [r for r in runs if r["sft_steps"] == steps]
+        sampling = math.sqrt(sum(r["gain_se"] ** 2 for r in mine)) / len(mine)
+        return rows[steps]["gain"][0], math.hypot(rows[steps]["gain"][1], sampling)
+    assert not any(differ(*gain(a), *gain(b)) for a, b in ((500, 700), (500, 1000), (700, 1000)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,6 +184,8 @@ def test_beta_changed_nothing_to_step_40_and_held_the_policy_close_by_step_80():
     assert first["beta5"] > 30 * first["beta0.1"]  # "beta also multiplies the gradient"
     small = [f for f in families if f != "beta5"]
     assert all(cell(f, 80, "kl")[0] > 5 for f in small) and cell("beta5", 80, "kl")[0] < 2
+    points = tables.load("beta-frontier.json")["points"]
+    assert all(sum(p["kl"] < 1.5 for p in points[f"{f}@80"]) == 1 for f in small)  # "one seed of each under 1.5"
     assert all(cell(f, 80, "length")[0] > cell("beta5", 80, "length")[0] + 1 for f in small)
     assert all(cell("beta5", 80, "reward")[0] >= cell(f, 80, "reward")[0] for f in small)  # the highest mean
     assert all(cell("beta5", 80, "reward")[1] < cell(f, 80, "reward")[1] for f in small)  # the smallest spread
