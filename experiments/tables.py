@@ -130,6 +130,15 @@ def demo_seeds_gain():
     return spread([r["gain"] for r in demo_runs()])
 
 
+def demo_prompt_sets():
+    """The same SFT recipe (demo_seeds' and sft_length's seeds 1 to 3, 500 steps) on the demo's 64 prompts and
+    on all 200: the two means, over those seeds."""
+    on_200 = {r["seed"]: r["sft_reward"] for r in load("sft-length.json")["runs"]
+              if r["sft_steps"] == sft.DEMO["max_iters"]}
+    on_64 = [r["sft"]["oracle_reward"] for r in demo_runs() if r["seed"] in on_200]
+    return f"{sum(on_64) / len(on_64):.2f} on the first 64 and {sum(on_200.values()) / len(on_200):.2f} on all 200"
+
+
 def demo_threads(key):
     """The committed DPO row again, from the same demo run with one thread: its reward or its KL."""
     row = load("demo-threads.json")["summary"]["dpo"]
@@ -476,7 +485,7 @@ TABLES = {"worked": worked_table, "demo": demo_table, "demo-seeds": demo_seeds_t
           "exercises": exercise_diffs, "memory": memory_table, "performance.trl": performance_trl,
           "performance.heads": performance_heads, "performance.bench": performance_bench, "performance.memory-check": performance_memory_check,
           "performance.torchrun": performance_torchrun, "frontier.best": frontier_best, "frontier.cost": frontier_cost}
-NUMBERS = {"demo.gain": demo_gain, "demo.seeds-gain": demo_seeds_gain, "demo.seconds": demo_seconds,
+NUMBERS = {"demo.gain": demo_gain, "demo.seeds-gain": demo_seeds_gain, "demo.prompt-sets": demo_prompt_sets, "demo.seconds": demo_seconds,
            "demo.pairs-seen": demo_pairs_seen, "demo.sft-steps": lambda: str(sft.DEMO["max_iters"]),
            "demo.lr": lambda: f"{dpo.DEMO['lr']:g}", "demo.seeds": lambda: str(len(load("demo-seeds.json")["seeds"])),
            "suite.summary": suite_summary, "sft-length.floor": sft_floor,

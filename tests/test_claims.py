@@ -90,6 +90,7 @@ def test_from_500_steps_only_the_small_steps_gained_in_every_seed_near_the_refer
     assert slow[0] < chosen[0] and not differ(*slow, *chosen)  # "lower but within the errors"
     assert 1337 not in tables.load("demo-seeds.json")["seeds"]  # the committed demo's seed, "not among them"
     assert dpo.DEMO["lr"] == 5e-5 and dpo.DEMO["max_iters"] == 40 and demo_setting == "lr 5e-5, 40 steps"
+    assert dpo.DEMO["eval_batches"] * dpo.DEMO["batch_size"] == 32  # section 6: "32 pairs in the demo"
 
 
 def test_every_demo_sample_scored_plus_or_minus_one():
