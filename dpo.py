@@ -31,6 +31,7 @@ DEFAULTS = dict(init="out/sft", data="Anthropic/hh-rlhf", batch_size=8, grad_acc
 # --demo: the toy task from the demo's SFT model, on a CPU.
 DEMO = dict(init="out/demo/sft", data="toy", batch_size=8, grad_accum=1, max_len=64, lr=5e-5, warmup=10,
             max_iters=40, eval_interval=20, eval_batches=4, device="cpu", optimizer="adamw")
+# dpo.py's own flags that --resume must find unchanged (the machinery knows no script's flags)
 EXPERIMENT = ("ref", "swap", "beta", "loss_type", "label_smoothing", "optimizer", "share_prompt", "precompute_ref")
 
 
@@ -48,8 +49,7 @@ def parse_args(argv=None):
     if args.label_smoothing and args.loss_type == "ipo":
         parser.error("--label_smoothing applies to the sigmoid loss only, not to --loss_type ipo")
     if args.loss_type == "ipo" and not 1 / (2 * args.beta) < 1e6:  # IPO's target margin, in nats
-        parser.error(f"--beta {args.beta} with --loss_type ipo asks for a margin of 1/(2 beta) = "
-                     f"{1 / (2 * args.beta):.3g} nats")
+        parser.error(f"--loss_type ipo: --beta {args.beta} asks a margin of 1/(2 beta) = {0.5 / args.beta:.3g} nats")
     if args.ref is None and stage_of(args.init) == "dpo":  # a DPO policy is no reference: its SFT model is
         parser.error(f"--init {args.init} is a DPO run: pass --ref too, the SFT model it was trained from")
     args.out_dir = args.out_dir or cli.default_out_dir(parser, args, "dpo-bad" if args.swap else "dpo", ("swap",))
@@ -83,7 +83,7 @@ def pair_logps(model, batch):
     """log pi(y_w|x) and log pi(y_l|x) of each pair, from ONE forward pass over dpo_batch's 2B rows, chosen first
     (or --share_prompt's packed rows, labels (2, B, W)). log pi(y|x) *sums* the response tokens' log-probs, the
     paper's quantity: a mean over tokens (as some libraries take) is no log-ratio of sequence probabilities."""
-    logps = model(*batch).sum(dim=-1).view(2, -1)  # (2, B): the forward with labels gives log-probs
+    logps = model(*batch).sum(dim=-1).view(2, -1)  # (2, B): forward(idx, labels): each label's log-prob, 0 if masked
     return logps[0], logps[1]
 
 
@@ -160,8 +160,8 @@ def train(args, run):
     # the usual case, ref = init: a copy, not a second load (and for --init scratch, the same random model)
     reference = freeze(copy.deepcopy(policy) if args.ref == args.init else load_model(args.ref, args), args)
     check_same_shape(policy, reference, args.init, args.ref)
-    for model in (policy, reference) if args.chunked_head else ():  # opt-in: less memory (docs/performance.md)
-        use_chunked_head(model)
+    if args.chunked_head:  # opt-in: the same log-probs with less memory (docs/performance.md)
+        policy, reference = use_chunked_head(policy), use_chunked_head(reference)
     policy.grad_checkpoint = args.grad_checkpoint  # opt-in: recompute each block in backward, for less memory
     groups = param_groups(policy, args.weight_decay)
     optimizer = torch.optim.RMSprop(groups, lr=args.lr) if args.optimizer == "rmsprop" else torch.optim.AdamW(
@@ -174,9 +174,9 @@ def train(args, run):
         train_cache, test_cache = (precompute(reference, pairs, make_batch, pair_logps, args, compute)
                                    for pairs in (train_pairs, test_pairs))
         reference = None
-    # --resume: the checkpoint; the health check scores held-out replies DPO raises before every save (docs/runs.md)
+    # the health check scores held-out replies DPO raises before every save (docs/runs.md)
     learned = sft_examples(test_pairs[:args.batch_size], "rejected" if args.swap else "chosen")
-    start = run.resume(policy, optimizer, collate(learned))
+    start = run.start_or_resume(policy, optimizer, collate(learned))
     for model in filter(None, (policy, reference)) if args.compile else ():  # (no reference once precomputed)
         model.compile()  # in place: the state_dict keys stay those of the plain model
     ddp_policy = DDP(policy) if compute.world_size > 1 else policy  # torchrun: DDP averages gradients across processes
@@ -185,7 +185,7 @@ def train(args, run):
 
     for step in range(start, args.max_iters):
         if args.eval_interval and step % args.eval_interval == 0:  # evaluate, check health, then save
-            run.save(step, evaluate_now)
+            run.evaluate_and_save(step, evaluate_now)
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr

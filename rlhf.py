@@ -156,10 +156,11 @@ def train_reward(args, run):
     held_out = test_pairs[:args.batch_size]
     rows = full_rows([p["prompt"] + p["chosen"] for p in held_out] + [p["prompt"] + p["rejected"] for p in held_out],
                      args.device)
-    start = run.resume(reward_model, optimizer, rows, health=dict(measure=reward_health, uniform=math.log(2)))
+    start = run.start_or_resume(reward_model, optimizer, rows,
+                                health=dict(measure=reward_health, uniform=math.log(2)))
     for step in range(start, args.max_iters):
         if args.eval_interval and step % args.eval_interval == 0:
-            run.save(step, lambda: evaluate_reward(reward_model, test_pairs, args))
+            run.evaluate_and_save(step, lambda: evaluate_reward(reward_model, test_pairs, args))
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -304,12 +305,13 @@ def train_ppo(args, run):
     value_ids = held_out[0].to(args.device)
     with torch.no_grad():
         start_scale = value_model(value_ids).abs().mean().item()
-    start = run.resume(policy, optimizer, held_out, extra={"value": value_model, "value_optimizer": value_optimizer},
-                       health=dict(checks=[value_health(value_model, value_ids, start_scale)]))
+    start = run.start_or_resume(policy, optimizer, held_out,
+                                extra={"value": value_model, "value_optimizer": value_optimizer},
+                                health=dict(checks=[value_health(value_model, value_ids, start_scale)]))
     evaluate_now = lambda: evaluate_policy(policy, reference, reward_model, test_prompts, args, tokenizer)  # noqa: E731
     for step in range(start, args.max_iters):  # one PPO iteration: rollouts, their advantages, then a few epochs
         if args.eval_interval and step % args.eval_interval == 0:
-            run.save(step, evaluate_now)
+            run.evaluate_and_save(step, evaluate_now)
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr

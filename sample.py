@@ -73,7 +73,7 @@ def compare(args):
         generators = [torch.Generator(device=args.device).manual_seed(args.seed + i) for i in range(len(encoded))]
         new, texts = complete(model, encoded, tokenizer, generators, args.max_new_tokens, args.temperature,
                               args.top_k, args.top_p)
-        # KL: log pi(y) - log pi_ref(y) on the model's own samples
+        # KL: log pi(y) - log pi_ref(y) on the model's own samples, every sampled token (a "Human:" stop included)
         kls = [a - b for a, b in zip(response_logps(model, encoded, new, args.device),
                                      response_logps(reference, encoded, new, args.device))]
         samples[label] = [{"prompt": prompt, "completion": text, "tokens": len(ids), "kl": kl}

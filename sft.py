@@ -99,15 +99,15 @@ def train(args, run):
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
                                   fused=args.device.startswith("cuda"))  # fused: one kernel for all the weights
     run.depends_on(data={"training pairs": train_pairs, "held-out pairs": test_pairs})  # --resume: refuses others
-    # --resume: the checkpoint; the health check scores these held-out replies before every save (docs/runs.md)
-    start = run.resume(model, optimizer, collate(test_examples[:args.batch_size]))
+    # the health check scores these held-out replies before every save (docs/runs.md)
+    start = run.start_or_resume(model, optimizer, collate(test_examples[:args.batch_size]))
     if args.compile:
         model.compile()  # in place: the state_dict keys stay those of the plain model
     ddp_model = DDP(model) if compute.world_size > 1 else model  # torchrun: DDP averages gradients across processes
 
     for step in range(start, args.max_iters):
         if args.eval_interval and step % args.eval_interval == 0:  # evaluate, check health, then save
-            run.save(step, lambda: evaluate(model, test_examples, args, compute))
+            run.evaluate_and_save(step, lambda: evaluate(model, test_examples, args, compute))
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr

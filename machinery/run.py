@@ -1,15 +1,15 @@
 """An out_dir holds one run: what sft.py, dpo.py and rlhf.py call, one line each, around their own loops.
 
-    with Run(args, "dpo", EXPERIMENT, models) as run:    # one-line errors; the out_dir locked and checked; device
-        start = run.resume(model, optimizer, held_out)   # --resume: the checkpoint loaded; the step to go on from
+    with Run(args, "dpo", EXPERIMENT, models) as run:       # one-line errors; the out_dir locked and checked
+        start = run.start_or_resume(model, optimizer, held_out)  # log.jsonl opened, Ctrl-C caught; --resume: loaded
         for step in range(start, args.max_iters):
             if step % args.eval_interval == 0:
-                run.save(step, evaluate)                 # evaluate, check health, then write ckpt.pt atomically
-            ...                                          # the training step: the method, in the script
-            run.log({"iter": step + 1, "loss": ...})     # log.jsonl and the console; a non-finite loss stops
-            if run.stop_requested():                     # Ctrl-C or SIGTERM: finish this step, save, stop
+                run.evaluate_and_save(step, evaluate)       # evaluate, check health, then write ckpt.pt atomically
+            ...                                             # the training step: the method, in the script
+            run.log({"iter": step + 1, "loss": ...})        # log.jsonl and the console; a non-finite loss stops
+            if run.stop_requested():                        # Ctrl-C or SIGTERM: finish this step, save, stop
                 break
-        run.finish(step + 1, evaluate)                   # the last checkpoint, and what to run next
+        run.finish(step + 1, evaluate)                      # the last checkpoint, and what to run next
 
 OUT_DIR holds ckpt.pt (plain types only: torch.load(..., weights_only=True) reads it), log.jsonl and, while a
 run goes, run.lock. Nothing broken is saved, by construction: every save follows an evaluation of those very
@@ -202,7 +202,7 @@ class Run:
         if self.args.resume:
             self._check_fingerprints(self.checkpoint.get("fingerprints", {}))
 
-    def resume(self, model, optimizer, held_out, extra=None, health=None):
+    def start_or_resume(self, model, optimizer, held_out, extra=None, health=None):
         """Continue the run in OUT_DIR (--resume: the checkpoint into model, optimizer and extra, {name: object with
         a state_dict} saved beside them) or begin a new one; returns the step to start from (0 for a new run).
         held_out, a batch (input_ids, labels) of text the model learns to write, is what the health check scores
@@ -224,7 +224,7 @@ class Run:
         self.signals.catch()
         return start
 
-    def save(self, step, evaluate):
+    def evaluate_and_save(self, step, evaluate):
         """Evaluate the model as it is at `step` (evaluate() -> {metric: value}), log that, check its health,
         and only then write ckpt.pt (not at step 0: nothing is trained yet). The step already on disk (where a
         resumed run starts) is neither evaluated nor written again. If the evaluation itself crashes, the
@@ -260,7 +260,7 @@ class Run:
 
     def finish(self, step, evaluate):
         """The last checkpoint, evaluated, checked and saved; then what to run next, or how to go on."""
-        self.save(step, evaluate)
+        self.evaluate_and_save(step, evaluate)
         if step < self.args.max_iters:
             print(f"stopping early at step {step}: saved; continue with --resume", flush=True)
         elif getattr(self.args, "next", None):

@@ -45,7 +45,7 @@ def test_bad_flags_are_one_line_and_exit_2(flags, message, tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--beta", "inf"], "argument --beta: must be a finite number, got inf"),
     (["--beta", "0"], "argument --beta: must be a positive number"),
-    (["--beta", "1e-30", "--loss_type", "ipo"], "with --loss_type ipo asks for a margin of 1/(2 beta) = 5e+29 nats"),
+    (["--beta", "1e-30", "--loss_type", "ipo"], "--loss_type ipo: --beta 1e-30 asks a margin of 1/(2 beta) = 5e+29 nats"),
     (["--label_smoothing", "0.5"], "argument --label_smoothing: must be in [0, 0.5)"),
     (["--loss_type", "ipo", "--label_smoothing", "0.1"], "applies to the sigmoid loss only"),
 ])
