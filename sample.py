@@ -17,7 +17,7 @@ from machinery.cli import ArgumentParser, HelpFormatter, at_least, description, 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=description(__doc__), formatter_class=HelpFormatter)
-    p.add_argument("--demo", action="store_true", help="every run in out/demo on the toy task's prompts")
+    p.add_argument("--demo", action="store_true", help="every run in out/demo, sft first (the reference), on toy prompts")
     p.add_argument("--model", action="append", default=[], metavar="[LABEL=]MODEL", help="a checkpoint or "
                    "Hugging Face directory, or a GPT-2 name; repeat for more (default: with --demo, out/demo/*)")
     p.add_argument("--ref", help="the reference for KL and accuracy (default: the first --model)")
