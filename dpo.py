@@ -80,9 +80,10 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 def pair_logps(model, batch):
-    """log pi(y_w|x) and log pi(y_l|x) of each pair, from ONE forward pass over dpo_batch's 2B rows, chosen first
-    (or --share_prompt's packed rows, labels (2, B, W)). log pi(y|x) *sums* the response tokens' log-probs, the
-    paper's quantity: a mean over tokens (as some libraries take) is no log-ratio of sequence probabilities."""
+    """log pi(y_w|x) and log pi(y_l|x) of each pair, from ONE forward pass. batch: dpo_batch's (idx, labels), 2B
+    rows, chosen first; or, with --share_prompt, packed_dpo_batch's (idx, labels (2, B, W), positions, attn_mask),
+    in GPT.forward's order. log pi(y|x) *sums* the response tokens' log-probs, the paper's quantity: a mean over
+    tokens (as some libraries take) is no log-ratio of sequence probabilities."""
     logps = model(*batch).sum(dim=-1).view(2, -1)  # (2, B): forward(idx, labels): each label's log-prob, 0 if masked
     return logps[0], logps[1]
 

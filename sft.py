@@ -24,7 +24,7 @@ from model import IGNORE_INDEX, param_groups
 # (common practice, not tuned here).
 DEFAULTS = dict(init="gpt2", data="Anthropic/hh-rlhf", batch_size=8, grad_accum=8, max_len=512, lr=2e-5,
                 warmup=100, max_iters=1500, eval_interval=250, weight_decay=0.0, target="chosen")
-# --demo: the toy task on a 2-layer, 64-wide model from scratch, on a CPU.
+# --demo: the toy task on a CPU, from scratch: a 2-layer, 4-head, 64-wide model (--n_layer, --n_head, --n_embd)
 DEMO = dict(init="scratch", data="toy", batch_size=24, grad_accum=1, max_len=64, lr=3e-3, warmup=20,
             max_iters=500, eval_interval=100, eval_batches=4, device="cpu", weight_decay=0.1, target="both")
 EXPERIMENT = ("target", "lr_decay_iters")  # sft.py's own flags that --resume must find unchanged
@@ -113,10 +113,9 @@ def train(args, run):
             group["lr"] = lr
         t0 = time.time()
 
-        # Gradient accumulation. The loss is the mean over every response token of the step, so each micro-batch
-        # divides its summed log-likelihood by that step-wide count: k micro-batches then add up to exactly the
-        # gradient of one batch k times larger, however response lengths differ. (Averaging each micro-batch's
-        # own mean, then dividing by k, would weigh a token of a short micro-batch more than one of a long one.)
+        # Gradient accumulation: the loss is the mean over every response token of the step, so each micro-batch
+        # divides its summed log-likelihood by that step-wide count, and k of them add up to exactly one batch k times
+        # larger. (Each micro-batch's own mean, over k, would weigh a token of a short micro-batch more: exercise 5.)
         step_batches = [batch_indices(len(train_examples), args.batch_size, step * args.grad_accum + micro, args.seed)
                         for micro in range(args.grad_accum)]
         n_tokens = sum(response_tokens[i] for indices in step_batches for i in indices)
