@@ -177,7 +177,7 @@ def train(args, run):
         reference = None
     # the health check scores held-out replies DPO raises before every save (docs/runs.md)
     learned = sft_examples(test_pairs[:args.batch_size], "rejected" if args.swap else "chosen")
-    start = run.start_or_resume(policy, optimizer, collate(learned))
+    start = run.start_or_resume(policy, optimizer, collate(learned))  # 0, or --resume's step (weights, optimizer read)
     for model in filter(None, (policy, reference)) if args.compile else ():  # (no reference once precomputed)
         model.compile()  # in place: the state_dict keys stay those of the plain model
     ddp_policy = DDP(policy) if compute.world_size > 1 else policy  # torchrun: DDP averages gradients across processes
@@ -199,7 +199,7 @@ def train(args, run):
             ddp_policy.require_backward_grad_sync = i == len(mine) - 1  # torchrun: sync gradients on the last only
             with compute.autocast:  # mixed precision on a GPU (bf16 or fp16 matmuls); nothing on a CPU
                 losses, batch_sums = micro_batch(ddp_policy, reference, train_pairs, indices, train_cache, args)
-            # the mean over the step's pairs; the scaler: fp16's loss scaling; x world_size: DDP averages
+            # the mean over the step's pairs; the scaler: fp16's loss scaling (else x 1); x world_size: DDP averages
             compute.scaler.scale(losses.sum() / pairs_per_step * compute.world_size).backward()
             sums.append(batch_sums)
         compute.scaler.unscale_(optimizer)  # fp16: the true gradients, to clip them

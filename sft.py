@@ -94,13 +94,13 @@ def train(args, run):
 
     model = load_model(args.init, args)
     if args.chunked_head:  # opt-in: the same log-probs with less memory (docs/performance.md)
-        use_chunked_head(model)
+        model = use_chunked_head(model)
     model.grad_checkpoint = args.grad_checkpoint  # opt-in: recompute each block in backward, for less memory
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
                                   fused=args.device.startswith("cuda"))  # fused: one kernel for all the weights
     run.depends_on(data={"training pairs": train_pairs, "held-out pairs": test_pairs})  # --resume: refuses others
     # the health check scores these held-out replies before every save (docs/runs.md)
-    start = run.start_or_resume(model, optimizer, collate(test_examples[:args.batch_size]))
+    start = run.start_or_resume(model, optimizer, collate(test_examples[:args.batch_size]))  # 0, or --resume's step
     if args.compile:
         model.compile()  # in place: the state_dict keys stay those of the plain model
     ddp_model = DDP(model) if compute.world_size > 1 else model  # torchrun: DDP averages gradients across processes
