@@ -519,6 +519,16 @@ def test_a_torn_last_log_line_is_dropped_with_a_notice(sft_dir, pairs_file, tmp_
     assert [r["iter"] for r in read_log(out_dir, "train")] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_log_that_is_a_directory_is_one_line_on_resume_and_the_checkpoint_stays(sft_dir, pairs_file, tmp_path, capsys):
+    out_dir = copy_of(sft_dir, tmp_path)
+    (out_dir / "log.jsonl").unlink()
+    (out_dir / "log.jsonl").mkdir()
+    before = (out_dir / "ckpt.pt").read_bytes()
+    line = refused(lambda: sft_run(out_dir, pairs_file, "--resume", "--max_iters", "6", "--lr_decay_iters", "4"), capsys)
+    assert "log.jsonl is a directory, not a run's log: move it away" in line
+    assert (out_dir / "ckpt.pt").read_bytes() == before and (out_dir / "log.jsonl").is_dir()
+
+
 def held_out_nll(out_dir, pairs_file):
     """The health check's number for the checkpoint in out_dir: nats per held-out response token."""
     model = open_model(str(out_dir)).eval()
