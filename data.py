@@ -67,15 +67,15 @@ TOY_RUDE = (["Ugh", "No", "Whatever", "Seriously", "Go away"],
 TOY_ANSWER = "To {task}, start small and practice daily."  # the middle sentence of every toy reply
 
 
-def toy_pairs(split, n=None):
+def toy_pairs(split):
     """Deterministic pairs: the chosen reply is polite, the rejected one rude, the same answer between. Held out
     means never trained on: a test prompt's (task, name) is one no training prompt has (a quarter of the 24 x 12
-    = 288 combinations; each task and name is still seen in training with others): held out asks new combinations."""
+    = 288 combinations; each task and name is still seen in training with others), so it asks new combinations."""
     rng = random.Random(0 if split == "train" else 1)
     requests = [(task, name, ask) for i, task in enumerate(TOY_TASKS) for j, name in enumerate(TOY_NAMES)
                 for ask in TOY_ASKS if ((i + j) % 4 == 0) == (split == "test")]
     # training draws its 2,000 pairs from its 864 requests; the test split 200 different ones of its 72 x 4 = 288
-    drawn = [rng.choice(requests) for _ in range(n or 2000)] if split == "train" else rng.sample(requests, n or 200)
+    drawn = [rng.choice(requests) for _ in range(2000)] if split == "train" else rng.sample(requests, 200)
     pairs = []
     for task, name, ask in drawn:
         prompt = f"{HUMAN} Hi, I am {name}. {ask.format(t=task)}{ASSISTANT}"

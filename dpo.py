@@ -129,7 +129,7 @@ def micro_batch(policy, reference, pairs, indices, cached, args):
     right = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     sums = torch.stack([losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
                         (chosen_rewards - rejected_rewards).sum(), right.sum(), policy_chosen.detach().sum(),
-                        policy_rejected.detach().sum(), losses.new_tensor(batch[0].numel())])
+                        policy_rejected.detach().sum(), losses.new_full((), batch[0].numel())])
     return losses, sums.float()
 
 
@@ -166,7 +166,7 @@ def train(args, run):
     policy.grad_checkpoint = args.grad_checkpoint  # opt-in: recompute each block in backward, for less memory
     groups = param_groups(policy, args.weight_decay)
     optimizer = torch.optim.RMSprop(groups, lr=args.lr) if args.optimizer == "rmsprop" else torch.optim.AdamW(
-        groups, lr=args.lr, betas=(0.9, 0.95), fused=args.device.startswith("cuda"))  # fused: one kernel, on a GPU
+        groups, lr=args.lr, betas=(0.9, 0.95), fused=args.device.startswith("cuda"))  # fused: one kernel, all weights
     # --resume refuses other data, or a reference retrained since: both are fingerprinted into every checkpoint
     run.depends_on(data={"training pairs": train_pairs, "held-out pairs": test_pairs},
                    models={"reference": (args.ref, reference)})
@@ -207,13 +207,13 @@ def train(args, run):
         compute.scaler.step(optimizer)  # fp16: skipped if a gradient overflowed
         compute.scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        dt = time.time() - t0
         totals = compute.all_reduce_sum(torch.stack(sums).sum(0)).tolist()  # torchrun: summed over the processes
+        dt = time.time() - t0  # after .tolist(), which waits for the GPU: the whole step is timed
         run.log({"iter": step + 1, **{name: total / pairs_per_step for name, total in zip(METRICS, totals)},
                  "grad_norm": grad_norm.item(), "lr": lr, "dt_ms": dt * 1000, "tokens_per_s": totals[-1] / dt})
         if run.stop_requested():  # Ctrl-C or SIGTERM: this step is done; save it and stop
             break
-    run.finish(step + 1, evaluate_now)  # the last checkpoint: evaluated, checked, then saved; and what's next
+    run.finish(step + 1, evaluate_now)  # the last checkpoint (evaluated, checked, saved), and what to run next
 
 
 def main(argv=None):

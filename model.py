@@ -123,8 +123,8 @@ class GPT(nn.Module):
         """Without labels: the logits at every position, (B, T, vocab_size).
 
         With labels (already shifted: labels[t] is the token after idx[t], data.py): log p(labels[t]) at every
-        position, (B, T) in fp32, 0 where the label is IGNORE_INDEX: what SFT and DPO train on. positions and
-        attn_mask, when given, replace 0..T-1 and the causal mask (generate's padded rows, packed rows)."""
+        position, in labels' shape and fp32, 0 where the label is IGNORE_INDEX: what SFT and DPO train on.
+        positions and attn_mask, when given, replace 0..T-1 and the causal mask (generate's padded, packed rows)."""
         x = self.hidden_states(idx, positions, attn_mask, kv_cache)  # (B, T, C)
         if labels is None:
             return self.lm_head(x)  # (B, T, vocab_size)
@@ -145,7 +145,7 @@ class GPT(nn.Module):
         """The transformer without its head: the final LayerNorm's output at every position, (B, T, C)."""
         B, T = idx.size()
         past = 0 if kv_cache is None or kv_cache[0] is None else kv_cache[0][0].size(2)
-        if positions is None:  # given positions are checked where the data is made (here, a GPU sync)
+        if positions is None:  # given positions are checked where the data is made (a check here would sync the GPU)
             assert past + T <= self.config.block_size, f"{past + T} positions, block_size {self.config.block_size}"
             positions = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)

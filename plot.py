@@ -26,6 +26,7 @@ from dpo import METRICS, dpo_loss  # noqa: E402
 from machinery import UserError  # noqa: E402
 from machinery.cli import ArgumentParser, HelpFormatter, description, user_errors  # noqa: E402
 from machinery.fast import packed_dpo_batch  # noqa: E402
+from machinery.files import atomic_write  # noqa: E402
 from machinery.results import labelled, mean_and_sem  # noqa: E402
 from machinery.run import read_records  # noqa: E402
 from model import IGNORE_INDEX  # noqa: E402
@@ -318,18 +319,15 @@ def plot_losses(out, title):
 
 
 def save(fig, out):
-    """The figure as a PNG, written whole (a temporary file, then renamed) or not at all."""
+    """The figure as a PNG, written whole or not at all."""
     fig.tight_layout()
     try:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        fig.savefig(out + ".tmp.png", dpi=DPI)
-        os.replace(out + ".tmp.png", out)
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     except OSError as e:
         raise UserError(f"cannot write --out {out} ({e.strerror}); give a path in a directory you can write to") from None
     finally:
         plt.close(fig)
-        if os.path.exists(out + ".tmp.png"):
-            os.remove(out + ".tmp.png")
     print(f"wrote {out}")
 
 

@@ -97,7 +97,7 @@ def train(args, run):
         model = use_chunked_head(model)
     model.grad_checkpoint = args.grad_checkpoint  # opt-in: recompute each block in backward, for less memory
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
-                                  fused=args.device.startswith("cuda"))  # fused: one kernel for all the weights
+                                  fused=args.device.startswith("cuda"))  # fused: one kernel, all weights
     run.depends_on(data={"training pairs": train_pairs, "held-out pairs": test_pairs})  # --resume: refuses others
     # the health check scores these held-out replies before every save (docs/runs.md)
     start = run.start_or_resume(model, optimizer, collate(test_examples[:args.batch_size]))  # 0, or --resume's step
@@ -126,7 +126,7 @@ def train(args, run):
             ddp_model.require_backward_grad_sync = i == len(mine) - 1  # torchrun: sync gradients on the last only
             with compute.autocast:  # mixed precision on a GPU (bf16 or fp16 matmuls); nothing on a CPU
                 loss = sft_loss(ddp_model, input_ids, labels, n_tokens)
-            # the scaler: fp16's loss scaling (x 1 otherwise); x world_size: DDP averages where the step adds up
+            # the scaler: fp16's loss scaling (else x 1); x world_size: DDP averages where the step adds up
             compute.scaler.scale(loss * compute.world_size).backward()
             loss_sum += loss.detach()  # stays on the device: no CPU-GPU sync per micro-batch
             n_seen += input_ids.numel()
@@ -135,13 +135,13 @@ def train(args, run):
         compute.scaler.step(optimizer)  # fp16: skipped if a gradient overflowed
         compute.scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        dt = time.time() - t0
         loss_sum, n_seen = compute.all_reduce_sum([float(loss_sum), n_seen])  # torchrun: summed over the processes
+        dt = time.time() - t0  # after float(), which waits for the GPU: the whole step is timed
         run.log({"iter": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(), "dt_ms": dt * 1000,
                  "tokens_per_s": n_seen / dt})
         if run.stop_requested():  # Ctrl-C or SIGTERM: this step is done; save it and stop
             break
-    run.finish(step + 1, lambda: evaluate(model, test_examples, args, compute))  # the last checkpoint; what's next
+    run.finish(step + 1, lambda: evaluate(model, test_examples, args, compute))  # the last checkpoint; what next
 
 
 def main(argv=None):

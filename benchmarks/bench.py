@@ -40,6 +40,7 @@ from machinery.cli import ArgumentParser, HelpFormatter, description, user_error
 from machinery.compute import init_compute
 from machinery.fast import packed_dpo_batch, use_chunked_head
 from model import GPT, GPT2_SIZES, IGNORE_INDEX, GPTConfig, param_groups
+from rlhf import optimizer_steps
 
 # dense peak TFLOP/s by GPU name and dtype (vendor datasheets; SXM parts); TF32 stands in for fp32
 PEAK_TFLOPS = {"H100": {"bfloat16": 989, "float16": 989, "float32": 494},
@@ -185,15 +186,6 @@ def model_config(args):
     return GPTConfig(block_size=max(1024, args.seq_len), **shape)  # packed rows are longer, their positions not
 
 
-def optimizer_step(model, optimizer, scaler, grad_clip=1.0):
-    """The end of sft.py's and dpo.py's step: unscale, clip, step, update, clear."""
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def run(args):
     """Measure, print the table, and return what was measured as a dict (written by --json)."""
     compute = init_compute(args)
@@ -220,7 +212,7 @@ def run(args):
 
     def update(loss):  # the scripts' own step: backward, unscale, clip, step
         scaler.scale(loss).backward()
-        optimizer_step(policy, optimizer, scaler)
+        optimizer_steps(scaler, [optimizer], [policy], 1.0)  # the end of dpo.py's step, as rlhf.py writes it
 
     pairs = synthetic_pairs(args.batch_size, args.seq_len, args.response_frac, config.vocab_size)
     sft_ids, sft_labels = (t.to(device) for t in collate([inputs_and_labels(p["prompt"], p["chosen"]) for p in pairs]))

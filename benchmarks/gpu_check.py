@@ -163,8 +163,8 @@ def activation_job(args, log):
     autocast = torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
     measured = memory.saved_activation_bytes(model, batch, autocast)
     labelled = bench.counted_work(pairs, "stacked")[2]
-    computed = (memory.activation_bytes(config, 2 * parsed.batch_size, parsed.seq_len, labelled, 2)
-                + 2 * 12 * config.n_layer * config.n_embd ** 2)  # the plain head, model.py's default
+    computed = (memory.activation_bytes(config, 2 * parsed.batch_size, parsed.seq_len, labelled, 2)  # plain head
+                + 2 * 12 * config.n_layer * config.n_embd ** 2)  # autocast's bf16 copies of the blocks' weights
     return {"measured_bytes": measured, "computed_bytes": computed, "ratio": measured / computed}
 
 

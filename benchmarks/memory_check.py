@@ -29,6 +29,7 @@ from data import dpo_batch
 from machinery.cli import ArgumentParser
 from machinery.fast import LabelLogProbs, use_chunked_head
 from model import GPT, GPTConfig
+from rlhf import optimizer_steps
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384)
 PAIRS, SEQ_LEN = 2, 256
@@ -68,7 +69,7 @@ def measure(precision, grad_checkpoint, fused, reference_live, chunked_head):
             chosen, rejected = dpo.pair_logps(policy, batch)
             ref_chosen, ref_rejected = bench.reference_logps(reference, batch, cached)
         dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)[0].mean().backward()
-        bench.optimizer_step(policy, optimizer, no_scaling)  # the scripts' own clip and step
+        optimizer_steps(no_scaling, [optimizer], [policy], 1.0)  # the scripts' clip and step, as rlhf.py writes them
 
     step()
     step()

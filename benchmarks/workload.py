@@ -17,6 +17,7 @@ import sys
 
 from data import HH, get_tokenizer
 from machinery import UserError
+from machinery.files import write_text
 from machinery.cli import user_errors
 from machinery.formats import records_to_pairs
 
@@ -56,9 +57,7 @@ def build(directory):
     os.makedirs(directory, exist_ok=True)
     pairs_path = os.path.join(directory, "pairs.jsonl")
     if not os.path.isfile(pairs_path):
-        with open(pairs_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(pair) + "\n" for pair in hh_pairs())
-        os.replace(pairs_path + ".tmp", pairs_path)
+        write_text(pairs_path, "".join(json.dumps(pair) + "\n" for pair in hh_pairs()))
     checkpoint = os.path.join(directory, CHECKPOINT)
     if not os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
         write_checkpoint(checkpoint)

@@ -2,7 +2,9 @@
 process, in a scratch folder (so that out/demo starts empty); then its samples become results/demo.md,
 .json and .jsonl, and the times results/demo-time.json. Then, untimed: the worked example of README section 1
 (the first held-out pair under the demo's SFT and DPO models) -> results/worked-example.json, and the README's
-"turn a knob" variant (KNOB, then sample.py --demo again, every run side by side) -> results/demo-knob.json.
+"turn a knob" variant (KNOB, then sample.py --demo again, every run side by side) -> results/demo-knob.json;
+and the demo once more with one thread instead of two, to show how far another machine's rounding moves it
+-> results/demo-threads.json.
 
     python -m experiments.demo
 """

@@ -12,7 +12,7 @@ import torch
 from data import get_tokenizer, load_preferences, toy_reward
 from machinery import UserError
 from machinery.cli import ArgumentParser, at_least, user_errors
-from machinery.files import write_text
+from machinery.files import try_writing, write_text
 from machinery.models import open_model
 from sample import complete
 
@@ -51,10 +51,7 @@ def check_writable(out, overwrite):
     folder = os.path.dirname(out) or "."
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = out + ".probe"
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        try_writing(out)
     except OSError as e:
         raise UserError(f"cannot write --out {out} ({e.strerror}); give a file in a folder you can write to") from None
 

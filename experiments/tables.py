@@ -1,5 +1,6 @@
-"""Every table and number of README.md and docs/*.md that a run measured, made from results/*.json: true by
-construction. In the Markdown a table stands between `<!-- table NAME -->` and `<!-- /table -->`, and a
+"""Every table and number of README.md and docs/*.md, made from results/*.json (a few from the settings in
+the code they describe, such as the demo's steps and lr, or the memory formulas of benchmarks/memory.py), so
+that a rerun changes them and nothing else. In the Markdown a table stands between `<!-- table NAME -->` and `<!-- /table -->`, and a
 number between `<!-- number NAME -->` and `<!-- /number -->` (invisible once rendered). Only tables and numbers
 are made here; the sentences around them are written by hand, and tests/test_claims.py fails when the results
 stop supporting one.
@@ -20,6 +21,7 @@ import dpo
 import sft
 from benchmarks.memory import CARDS_GIB, memory_table as rows_of
 from experiments.exercises import EXERCISES, diff
+from machinery.files import write_text
 from machinery.results import COLUMNS, cell, mean_and_sem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,10 +102,10 @@ def demo_candidates_table():
     groups = defaultdict(list)
     for r in record["runs"]:
         groups[(r["sft_steps"], r["dpo"])].append(r)
-    rows = []
+    rows, demo = [], demo_runs()
     for (steps, setting), runs in groups.items():
         gains, kls = [r["gain"] for r in runs], [r["dpo_model"]["kl"] for r in runs]
-        chosen = steps == sft.DEMO["max_iters"] and runs == demo_runs()
+        chosen = steps == sft.DEMO["max_iters"] and runs == demo
         name = f"**{steps}, {setting} (the demo)**" if chosen else f"{steps}, {setting}"
         answered = [r["dpo_model"].get("answered", math.nan) for r in runs]
         rows.append([name, spread(gains), f"{sum(g > 0 for g in gains)} of {len(gains)}", f"{max(kls):.2f}",
@@ -131,8 +133,8 @@ def demo_seeds_gain():
 
 
 def demo_prompt_sets():
-    """The same SFT recipe (demo_seeds' and sft_length's seeds 1 to 3, 500 steps) on the demo's 64 prompts and
-    on all 200: the two means, over those seeds."""
+    """The same SFT recipe (the seeds demo_seeds and sft_length share, at the demo's SFT steps) on the demo's
+    prompts and on all 200: the two means, over those seeds."""
     on_200 = {r["seed"]: r["sft_reward"] for r in load("sft-length.json")["runs"]
               if r["sft_steps"] == sft.DEMO["max_iters"]}
     on_64 = [r["sft"]["oracle_reward"] for r in demo_runs() if r["seed"] in on_200]
@@ -425,12 +427,19 @@ def frontier_best():
         f"{pm(sft[2], sft[3])} ({sft[4]:.1f} tokens)."
 
 
+def run_cost(record, method):
+    """A method's forward tokens, backward tokens and wall-clock seconds per run, its own first stage (PPO's
+    reward model, on-policy DPO's pairs) shared out over its runs."""
+    parts = [method] + {"PPO": ["reward model"], "DPO, on-policy pairs": ["on-policy pairs"]}.get(method, [])
+    tokens, wall, n = record["tokens"], record["wall_s"], len(record["runs"][method])
+    return (sum(tokens.get(p, [0, 0])[0] for p in parts) / n, sum(tokens.get(p, [0, 0])[1] for p in parts) / n,
+            sum(wall.get(p, 0.0) for p in parts) / n)
+
+
 def frontier_cost():
     """Per method: its best setting; the final reward and length over the seeds; runs diverged or collapsed;
     tokens through the model and wall-clock per run (its own first stage included)."""
     record = load("frontier.json")
-    tokens, wall = record["tokens"], record["wall_s"]
-    shared = {"PPO": ["reward model"], "DPO, on-policy pairs": ["on-policy pairs"]}  # each method's own first stage
     rows = []
     for method in METHOD_ORDER[:-1]:
         runs = record["runs"][method]
@@ -439,11 +448,8 @@ def frontier_cost():
         setting = f"lr {best['lr']:g}" + (f", {'β' if method.startswith('DPO') else 'KL coef'} {best['setting']:g}"
                                          if best["setting"] is not None else "")
         diverged = sum(run["diverged"] for run in runs.values())
-        fell = sum(collapsed(run_path(record, label)) for label in runs if len(run_path(record, label)) > 1)
-        parts = [method] + shared.get(method, [])
-        forward = sum(tokens.get(p, [0, 0])[0] for p in parts) / len(runs)
-        backward = sum(tokens.get(p, [0, 0])[1] for p in parts) / len(runs)
-        seconds = sum(wall.get(p, 0.0) for p in parts) / len(runs)
+        fell = sum(collapsed(path) for path in map(lambda label: run_path(record, label), runs) if len(path) > 1)
+        forward, backward, seconds = run_cost(record, method)
         rows.append([method, setting, f"{spread([f[2] for f in finals])} ({len(finals)})",
                      pm(*mean_and_sem([f[4] for f in finals]), 1), f"{diverged}, {fell} of {len(runs)}",
                      f"{forward / 1e6:.2f}M / {backward / 1e6:.2f}M", f"{seconds:.0f} s"])
@@ -471,13 +477,9 @@ def frontier_final(method, key):
 def frontier_ratio(kind):
     """A PPO run (with its share of the reward model) against an offline DPO run: tokens or wall-clock."""
     record = load("frontier.json")
-    tokens, wall = record["tokens"], record["wall_s"]
-
-    def per_run(method, parts):
-        n = len(record["runs"][method])
-        return sum(tokens.get(p, [0, 0])[0] for p in parts) / n, sum(wall.get(p, 0.0) for p in parts) / n
-    dpo_cost, ppo_cost = per_run("DPO, offline pairs", ["DPO, offline pairs"]), per_run("PPO", ["PPO", "reward model"])
-    return f"{(ppo_cost[0] / dpo_cost[0]) if kind == 'tokens' else (ppo_cost[1] / dpo_cost[1]):.1f}"
+    ppo, dpo_offline = run_cost(record, "PPO"), run_cost(record, "DPO, offline pairs")
+    which = 0 if kind == "tokens" else 2  # forward tokens, or seconds
+    return f"{ppo[which] / dpo_offline[which]:.1f}"
 
 
 TABLES = {"worked": worked_table, "demo": demo_table, "demo-seeds": demo_seeds_table,
@@ -513,7 +515,8 @@ METHODS = {"dpo-offline": "DPO, offline pairs", "dpo-onpolicy": "DPO, on-policy 
 
 
 def number(name):
-    """A number named NAME, or one of the families, their parts joined by ':': demo-knob:KEY,
+    """A number named NAME, or one of the families, their parts joined by ':': worked:KEY, demo-knob:KEY,
+    demo-threads:KEY, demo-answered:STEPS:MODEL,
     sft-length:STEPS:KEY, beta:FAMILY:STEP:KEY, curve:FAMILY:KEY:STEP[:SPLIT:DIGITS], pull:FAMILY:STEP,
     exercise:KEY[:SPEC] (KEY a path of fields joined by '/'), allocator:MODE:KEY, accumulation:DATA, frontier:METHOD:LIMIT:KEY,
     frontier-final:METHOD:KEY, frontier-seeds:METHOD:LIMIT (METHOD a key of METHODS)."""
@@ -572,9 +575,7 @@ def main(argv=None):
                      "that makes it; nothing was written")
         for path, text in made.items():
             if text != texts[path]:
-                with open(path + ".tmp", "w", encoding="utf-8") as f:
-                    f.write(text)
-                os.replace(path + ".tmp", path)
+                write_text(path, text)
     stale = [f"{os.path.relpath(path, ROOT)}: {name}" for path, text in texts.items()
              for name in (differences(text, path) if argv == ["--check"] else [])]
     if stale:

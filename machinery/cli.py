@@ -15,7 +15,7 @@ from machinery.compute import pick_device
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM before the training loop started (runlog.StopSignals handles them inside it)."""
+    """Ctrl-C or SIGTERM before the training loop started (run.StopSignals handles them inside it)."""
 
 
 def speaks():

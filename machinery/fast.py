@@ -42,8 +42,9 @@ class LabelLogProbs(torch.autograd.Function):
     exists at a time; backward recomputes it (one more matmul) and turns it into the gradient in place,
     using d log p / d logits = onehot(target) - softmax.
     """
-    # fp32 logits in flight at once. On CPU, 32 MB stays under glibc's largest mmap threshold, so a
-    # freed chunk is reused instead of being returned to the OS and page-faulted back (docs/performance.md
+    # fp32 logits in flight at once. On CPU, 32 MB stays under glibc's largest default mmap threshold, so a
+    # freed chunk is reused instead of being returned to the OS and page-faulted back, even where
+    # compute.keep_freed_memory has not raised that threshold (a training run does; docs/performance.md
     # has the measurement); on a GPU, bigger chunks keep the matmuls large.
     BUDGET = {"cpu": 2**25, "cuda": 2**30}
 

@@ -5,7 +5,8 @@ import shutil
 
 def atomic_write(path, write):
     """write(tmp_path), then rename over path: a crash midway leaves the old file whole, and no .tmp. The new
-    file gets the permissions any new file gets here (0644 under the usual umask), whatever the writer used."""
+    file gets the permissions any new file gets here (0644 under the usual umask), whatever the writer used
+    (safetensors creates its files 0600, which another user of an exported model could not read)."""
     tmp = path + ".tmp"
     try:
         write(tmp)
@@ -26,6 +27,13 @@ def write_text(path, text):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     atomic_write(path, write)
+
+
+def try_writing(path):
+    """Create and remove path + ".probe": an OSError here says path cannot be written, before any work is done."""
+    with open(path + ".probe", "w"):
+        pass
+    os.remove(path + ".probe")
 
 
 def resolved(value):

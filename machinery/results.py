@@ -13,7 +13,7 @@ import torch
 
 from data import EOS, tokenize_pairs
 from machinery import UserError
-from machinery.files import write_text
+from machinery.files import try_writing, write_text
 from machinery.cli import at_least
 from machinery.compute import pick_device
 
@@ -204,9 +204,7 @@ def check_writable(results_dir, name):
             path = os.path.join(results_dir, name + extension)
             if os.path.isdir(path):
                 raise IsADirectoryError(21, "a directory is in the way", path)
-            with open(path + ".probe", "w"):
-                pass
-            os.remove(path + ".probe")
+            try_writing(path)
     except OSError as e:
         if made and os.path.isdir(results_dir) and not os.listdir(results_dir):
             os.rmdir(results_dir)

@@ -3,7 +3,7 @@
     with Run(args, "dpo", EXPERIMENT, models) as run:       # one-line errors; the out_dir locked and checked
         start = run.start_or_resume(model, optimizer, held_out)  # log.jsonl opened, Ctrl-C caught; --resume: loaded
         for step in range(start, args.max_iters):
-            if step % args.eval_interval == 0:
+            if args.eval_interval and step % args.eval_interval == 0:
                 run.evaluate_and_save(step, evaluate)       # evaluate, check health, then write ckpt.pt atomically
             ...                                             # the training step: the method, in the script
             run.log({"iter": step + 1, "loss": ...})        # log.jsonl and the console; a non-finite loss stops
@@ -397,7 +397,8 @@ def model_fingerprint(path, model):
     """A model's weights hashed, and for one of our checkpoints the step and script that wrote it."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode() + tensor.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+        digest.update(name.encode())
+        digest.update(tensor.detach().reshape(-1).cpu().view(torch.uint8).numpy())  # the bytes, not a copy
     found = {"path": path, "sha256": digest.hexdigest()}
     if os.path.isfile(os.path.join(path, "ckpt.pt")):
         saved = load_checkpoint(os.path.join(path, "ckpt.pt"))

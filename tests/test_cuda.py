@@ -14,10 +14,10 @@ import torch
 import dpo
 import sft
 from data import dpo_batch
-from benchmarks.bench import optimizer_step
 from machinery.compute import init_compute
 from machinery.fast import packed_dpo_batch
 from model import GPT, IGNORE_INDEX, GPTConfig, param_groups
+from rlhf import optimizer_steps
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -97,7 +97,7 @@ def test_fp16_with_grad_scaler_trains_and_skips_an_overflowing_step(device="cuda
         with compute.autocast:
             loss = sft.sft_loss(model, input_ids, labels, n_tokens)
         compute.scaler.scale(loss * scale_loss_by).backward()
-        optimizer_step(model, optimizer, compute.scaler)  # the scripts' own unscale, clip, step
+        optimizer_steps(compute.scaler, [optimizer], [model], 1.0)  # unscale, clip, step, as sft.py and dpo.py do
         return loss.item()
 
     losses = [step() for _ in range(10)]
